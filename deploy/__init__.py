@@ -1,0 +1,1 @@
+"""Stage 3: run exported models fast. Imports without deepspeed, peft or bitsandbytes."""

@@ -1,0 +1,1 @@
+"""Stage 2: merge adapters, export ONNX (and TensorRT), check parity. Imports lftk, never lftk.deploy."""

@@ -1,0 +1,196 @@
+"""The recipe schema: one typed source for validation, defaults and help text.
+
+A recipe is a YAML file that validates into `Recipe`. `extends: other.yaml` (relative to the
+recipe) lets a stage recipe state only what differs from its base. `key=value` overrides use
+dotted paths and are split on the first `=` only. Every problem is collected and reported at
+once, each naming its key path, with the nearest valid key for a typo.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lftk.errors import ConfigError
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Strict):
+    path: str = Field(description="Pair dir written by `lftk data pairs` (has train/ val/ test/).")
+    train_split: str = Field("train", description="Split used for training.")
+    val_split: str = Field("val", description="Split used for validation loss.")
+    prompt_template: str = Field(
+        "{instruction}", description="How an instruction becomes the prompt; must contain {instruction}."
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+
+    @model_validator(mode="after")
+    def _template_has_slot(self) -> "DataConfig":
+        if "{instruction}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain '{instruction}'")
+        return self
+
+
+class ModelConfig(Strict):
+    base: str = Field(description="Base pipeline: a local diffusers dir or a hub id (timbrooks/instruct-pix2pix).")
+    revision: Optional[str] = Field(None, description="Hub revision when `base` is a hub id.")
+
+
+class LoraConfig(Strict):
+    rank: int = Field(16, ge=1, description="LoRA rank: more = better fit, more memory.")
+    alpha: float = Field(16.0, gt=0, description="LoRA scale numerator (scale = alpha / rank).")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(
+        default_factory=lambda: ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
+        description="UNet module-name suffixes that get adapters (default: cross-attention).",
+    )
+
+
+class TrainConfig(Strict):
+    batch_size: int = Field(8, ge=1, description="Per-GPU micro batch.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = Field(
+        "adamw", description="adamw8bit/paged_adamw8bit (bitsandbytes) quarter the optimizer state."
+    )
+    warmup_steps: int = Field(0, ge=0)
+    max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
+    resolution: int = Field(128, ge=16, description="Training image side in pixels (multiple of 8).")
+    trainable: Literal["full", "lora"] = Field("lora", description="Train the whole UNet or LoRA adapters.")
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Mixed precision of the engine.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    epochs: Optional[int] = Field(None, ge=1, description="Used when max_steps is null.")
+    conditioning_dropout: float = Field(
+        0.05, ge=0, lt=1, description="Probability of dropping text and image conditions (each) for CFG."
+    )
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: Optional[int] = Field(None, ge=1, description="Steps between checkpoints; null = end only.")
+
+    @model_validator(mode="after")
+    def _resolution_multiple_of_8(self) -> "TrainConfig":
+        if self.resolution % 8:
+            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
+        return self
+
+
+class Recipe(Strict):
+    seed: int = Field(0, description="Seeds data order, noise, dropout.")
+    output_dir: str = Field(description="Run dir (runs/NAME); created if missing.")
+    max_steps: Optional[int] = Field(description="Optimizer steps; null = train.epochs over the data.")
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> "Recipe":
+        if self.max_steps is None and self.train.epochs is None:
+            raise ValueError("set max_steps or train.epochs")
+        return self
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(str(path), [f"extends: cycle through {' -> '.join(str(p) for p in seen)}"])
+    if not path.is_file():
+        raise ConfigError(str(path), ["recipe file not found"])
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), ["top level must be a mapping of keys"])
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    return _deep_merge(_read_yaml(path.parent / parent, seen + (path,)), raw)
+
+
+def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
+    """`a.b=1` -> {"a": {"b": 1}}; values parsed as YAML scalars. Returns (tree, problems)."""
+    tree: dict = {}
+    problems = []
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override '{item}': expected key=value")
+            continue
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            problems.append(f"override '{item}': empty key part")
+            continue
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+    return tree, problems
+
+
+def _fields_at(path: tuple) -> list[str]:
+    model: Any = Recipe
+    for part in path:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return []
+        model = field.annotation
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return []
+    return list(model.model_fields)
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(p for p in err["loc"] if p not in ("function-after",))
+    key = ".".join(str(p) for p in loc) or "(recipe)"
+    if err["type"] == "extra_forbidden":
+        known = _fields_at(loc[:-1])
+        near = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.5)
+        hint = f"; did you mean '{'.'.join([*map(str, loc[:-1]), near[0]])}'?" if near else ""
+        return f"{key}: unknown key{hint}"
+    if err["type"] == "missing":
+        return f"{key}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{key}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else f"{key}: {msg}"
+
+
+def validate(raw: dict, source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(source, [_describe(e) for e in exc.errors()]) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe (following `extends`), apply overrides, validate. Raises ConfigError."""
+    raw = _read_yaml(Path(path))
+    tree, problems = parse_overrides(overrides or [])
+    if problems:
+        raise ConfigError(str(path), problems)
+    return validate(_deep_merge(raw, tree), str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

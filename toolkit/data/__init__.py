@@ -1,0 +1,1 @@
+"""Episodes and pairs on disk: layouts, importers, datasets."""

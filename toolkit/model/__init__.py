@@ -1,0 +1,1 @@
+"""Model building and loading: tokenizer, component configs, base pipelines."""

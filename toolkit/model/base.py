@@ -1,0 +1,115 @@
+"""Base pipelines: build one from a preset (`lftk init-base`), load one the way users do.
+
+`load_pipeline` is the single loader: a local diffusers dir (ours, or a downloaded
+timbrooks/instruct-pix2pix) or a hub id, through `StableDiffusionInstructPix2PixPipeline.from_pretrained`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from lftk.errors import LftkError
+from lftk.model.components import build_components, make_scheduler, preset_spec
+
+log = logging.getLogger(__name__)
+
+PIPELINE_CLASS = "StableDiffusionInstructPix2PixPipeline"
+LFTK_META = "lftk_model.json"  # what lftk knows about a pipeline dir (preset, training, resolution...)
+
+
+def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None):
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    return StableDiffusionInstructPix2PixPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler or make_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def write_meta(model_dir: Path, meta: dict) -> None:
+    path = Path(model_dir) / LFTK_META
+    old = json.loads(path.read_text()) if path.is_file() else {}
+    old.update(meta)
+    path.write_text(json.dumps(old, indent=2, sort_keys=True))
+
+
+def read_meta(model_dir: Path) -> dict:
+    path = Path(model_dir) / LFTK_META
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def init_base(
+    out: Path,
+    preset: str = "tiny",
+    frames: Sequence[Path] = (),
+    vae_steps: int = 600,
+    vae_resolution: int = 64,
+    seed: int = 0,
+    bpe_path: Path | None = None,
+) -> Path:
+    """Write a StableDiffusionInstructPix2PixPipeline dir built from a preset's configs.
+
+    For `tiny`, the VAE is fitted briefly on `frames` so that it reconstructs simulated scenes
+    (a random VAE would make every later metric meaningless).
+    """
+    from lftk.model.tokenizer import build_clip_tokenizer
+
+    spec = preset_spec(preset)
+    out = Path(out)
+    if (out / "model_index.json").exists():
+        raise LftkError(f"{out} already holds a pipeline; choose a new OUT or delete it")
+    t0 = time.perf_counter()
+    parts = build_components(preset, seed=seed)
+    meta: dict = {"preset": preset, "seed": seed}
+    if preset == "tiny":
+        if not frames:
+            raise LftkError("the tiny preset fits its VAE on frames: pass simulated episodes (--frames DIR)")
+        from lftk.model.vae_fit import fit_vae
+
+        stats = fit_vae(parts["vae"], frames, steps=vae_steps, resolution=vae_resolution, seed=seed)
+        meta["vae_fit"] = stats
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer = build_clip_tokenizer(Path(tmp) / "tokenizer", bpe_path)
+        pipe = assemble_pipeline(parts["unet"], parts["vae"], parts["text_encoder"], tokenizer)
+        out.mkdir(parents=True, exist_ok=True)
+        pipe.save_pretrained(str(out))
+    meta["scaling_factor"] = float(parts["vae"].config.scaling_factor or spec.scaling_factor)
+    write_meta(out, meta)
+    log.info("base pipeline (%s) written to %s in %.1f s", preset, out, time.perf_counter() - t0)
+    return out
+
+
+def load_pipeline(ref: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None):
+    """Load an InstructPix2Pix pipeline from a local dir or a hub id; a clear error otherwise."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+
+    ref = str(ref)
+    local = Path(ref)
+    if local.exists() and not (local / "model_index.json").is_file():
+        raise LftkError(f"{ref}: not a diffusers pipeline dir (no model_index.json)")
+    looks_local = local.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1
+    if looks_local and not local.exists():
+        raise LftkError(f"{ref}: model dir not found")
+    try:
+        pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(
+            ref, dtype=dtype, safety_checker=None, requires_safety_checker=False, revision=revision
+        )
+    except OSError as exc:
+        raise LftkError(
+            f"{ref}: cannot load pipeline ({exc.__class__.__name__}): download the weights and pass the local dir"
+        ) from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,1 @@
+"""Built-in simulator: pybullet, CPU TinyRenderer, two Franka Panda arms, head camera."""

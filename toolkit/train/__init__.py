@@ -1,0 +1,1 @@
+"""Training: DeepSpeed engine, InstructPix2Pix objective, run dirs."""
