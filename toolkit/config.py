@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lftk.errors import ConfigError
 
@@ -32,11 +32,12 @@ class DataConfig(Strict):
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
 
-    @model_validator(mode="after")
-    def _template_has_slot(self) -> "DataConfig":
-        if "{instruction}" not in self.prompt_template:
-            raise ValueError("prompt_template must contain '{instruction}'")
-        return self
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_has_slot(cls, v: str) -> str:
+        if "{instruction}" not in v:
+            raise ValueError("must contain '{instruction}'")
+        return v
 
 
 class ModelConfig(Strict):
@@ -76,11 +77,12 @@ class TrainConfig(Strict):
     log_every: int = Field(10, ge=1)
     checkpoint_every: Optional[int] = Field(None, ge=1, description="Steps between checkpoints; null = end only.")
 
-    @model_validator(mode="after")
-    def _resolution_multiple_of_8(self) -> "TrainConfig":
-        if self.resolution % 8:
-            raise ValueError(f"resolution must be a multiple of 8, got {self.resolution}")
-        return self
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("must be a multiple of 8 (the VAE downsamples by 8)")
+        return v
 
 
 class Recipe(Strict):
@@ -173,7 +175,7 @@ def _describe(err: dict) -> str:
     if err["type"] == "missing":
         return f"{key}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
-    return f"{key}: {msg} (got {err.get('input')!r})" if err["type"] != "value_error" else f"{key}: {msg}"
+    return f"{key}: {msg} (got {err.get('input')!r})" if loc else f"{key}: {msg}"
 
 
 def validate(raw: dict, source: str) -> Recipe:

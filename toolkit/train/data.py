@@ -1,0 +1,91 @@
+"""Training batches from a pair dir, in an order fixed by (seed, epoch) so a run can resume exactly.
+
+Each rank reads its own slice of every global batch (no overlap across ranks), and the position
+in the data is a pure function of the optimizer step: resuming needs only the step counter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lftk.data.images import load_rgb
+
+
+@dataclass(frozen=True)
+class PairItem:
+    current: str
+    future: str
+    instruction: str
+
+
+class PairDataset(Dataset):
+    def __init__(self, items: Sequence[PairItem], resolution: int, tokenizer, template: str):
+        self.items = list(items)
+        self.resolution = resolution
+        self.tokenizer = tokenizer
+        self.template = template
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _pixels(self, path: str) -> torch.Tensor:
+        arr = load_rgb(path, self.resolution)  # (H, W, 3) uint8
+        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W) in [-1, 1]
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        ids = self.tokenizer(
+            text, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        return ids[0]
+
+    def __getitem__(self, i: int) -> dict:
+        item = self.items[i]
+        return {
+            "current": self._pixels(item.current),
+            "future": self._pixels(item.future),
+            "input_ids": self.tokenize(self.template.format(instruction=item.instruction)),
+        }
+
+
+class StepSampler(Sampler[int]):
+    """Indices for this rank from global batch `start_batch` on; epochs reshuffle with (seed, epoch)."""
+
+    def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, start_batch: int = 0):
+        if n < global_batch:
+            raise ValueError(f"{n} training pairs are fewer than one global batch of {global_batch}")
+        self.n, self.global_batch, self.rank, self.world = n, global_batch, rank, world
+        self.seed, self.start_batch = seed, start_batch
+        self.batches_per_epoch = n // global_batch  # drop the ragged tail: every step has the same batch
+
+    def __iter__(self) -> Iterator[int]:
+        per_rank = self.global_batch // self.world
+        batch = self.start_batch
+        while True:
+            epoch, within = divmod(batch, self.batches_per_epoch)
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            chunk = order[within * self.global_batch : (within + 1) * self.global_batch]
+            yield from chunk[self.rank * per_rank : (self.rank + 1) * per_rank].tolist()
+            batch += 1
+
+    def __len__(self) -> int:  # endless; the loop stops at max_steps
+        return 2**62
+
+
+def make_loader(
+    dataset: PairDataset, micro_batch: int, grad_accum: int, rank: int, world: int, seed: int, start_micro: int, workers: int
+) -> DataLoader:
+    """One micro batch per loader item; the sampler works in global micro batches (micro_batch x world)."""
+    sampler = StepSampler(len(dataset), micro_batch * world, rank, world, seed, start_batch=start_micro)
+    return DataLoader(
+        dataset,
+        batch_size=micro_batch,
+        sampler=sampler,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        drop_last=True,
+    )

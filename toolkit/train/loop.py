@@ -1,0 +1,184 @@
+"""`lftk train`: set up a run, train with DeepSpeed, write checkpoints and a final pipeline.
+
+Small `setup_*` steps and a short loop (STYLE.md: no 600-line main).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lftk.config import Recipe
+from lftk.errors import LftkError
+from lftk.model.base import load_pipeline, read_meta, write_meta
+from lftk.progress import progress_bar
+from lftk.train.data import PairDataset, PairItem, make_loader
+from lftk.train.engine import setup_engine
+from lftk.train.objective import FrozenParts, ip2p_loss
+from lftk.train.rundir import RunDir, replace_dir
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    recipe: Recipe
+    run: RunDir
+    pipe: object
+    parts: FrozenParts
+    train_set: PairDataset
+    val_set: PairDataset | None
+    rank: int
+    world: int
+
+
+def _pair_items(root: str, split: str) -> list[PairItem]:
+    from lftk.data.pairset import PairSet
+
+    return [PairItem(str(s.current), str(s.future), s.prompt["instruction"]) for s in PairSet(root, split)]
+
+
+def setup(recipe: Recipe, resume: bool) -> Setup:
+    from diffusers import DDPMScheduler
+
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    run = RunDir(recipe.output_dir)
+    if rank == 0:
+        run.create(recipe, resume)
+    torch.manual_seed(recipe.seed)
+    pipe = load_pipeline(recipe.model.base, revision=recipe.model.revision)
+    for frozen in (pipe.vae, pipe.text_encoder):
+        frozen.requires_grad_(False).eval()
+    parts = FrozenParts(
+        vae=pipe.vae,
+        text_encoder=pipe.text_encoder,
+        noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
+        null_ids=pipe.tokenizer("", padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids,
+        scaling_factor=float(pipe.vae.config.scaling_factor),
+    )
+    d = recipe.data
+    res = recipe.train.resolution
+    train_set = PairDataset(_pair_items(d.path, d.train_split), res, pipe.tokenizer, d.prompt_template)
+    val_items = _pair_items(d.path, d.val_split) if (Path(d.path) / d.val_split).is_dir() else []
+    val_set = PairDataset(val_items, res, pipe.tokenizer, d.prompt_template) if val_items else None
+    return Setup(recipe, run, pipe, parts, train_set, val_set, rank, world)
+
+
+def total_steps(s: Setup) -> int:
+    r = s.recipe
+    if r.max_steps is not None:
+        return r.max_steps
+    global_batch = r.train.batch_size * r.train.grad_accum * s.world
+    return max(1, len(s.train_set) // global_batch) * (r.train.epochs or 1)
+
+
+@torch.no_grad()
+def val_loss(unet, s: Setup, max_batches: int = 8) -> float | None:
+    """Diffusion loss on the val split with fixed noise, so the figure is comparable across steps."""
+    if s.val_set is None:
+        return None
+    unet.eval()
+    gen = torch.Generator().manual_seed(s.recipe.seed + 1)
+    bs = s.recipe.train.batch_size
+    losses = []
+    for start in range(0, min(len(s.val_set), bs * max_batches), bs):
+        rows = [s.val_set[i] for i in range(start, min(start + bs, len(s.val_set)))]
+        batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
+        losses.append(ip2p_loss(unet, s.parts, batch, 0.0, gen).item())
+    unet.train()
+    return sum(losses) / len(losses)
+
+
+def _checkpoint(engine, s: Setup, step: int, gen: torch.Generator) -> None:
+    engine.save_checkpoint(str(s.run.checkpoints), tag=f"step{step:07d}", client_state={"step": step, "rng": gen.get_state()})
+
+
+def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
+    if s.rank != 0:
+        return
+    tmp = s.run.root / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    s.pipe.unet = engine.module
+    s.pipe.save_pretrained(str(tmp))
+    base_meta = read_meta(Path(s.recipe.model.base)) if Path(s.recipe.model.base).is_dir() else {}
+    pairs_meta = Path(s.recipe.data.path) / "pairs.json"
+    horizon = None
+    if pairs_meta.is_file():
+        import json
+
+        horizon = json.loads(pairs_meta.read_text()).get("horizon")
+    write_meta(
+        tmp,
+        {
+            **base_meta,
+            "base": s.recipe.model.base,
+            "trainable": s.recipe.train.trainable,
+            "resolution": s.recipe.train.resolution,
+            "prompt_template": s.recipe.data.prompt_template,
+            "horizon": horizon,
+            "steps": step,
+            "final_loss": last_loss,
+            "precision": s.recipe.train.precision,
+        },
+    )
+    replace_dir(tmp, s.run.final)
+
+
+def train(recipe: Recipe, resume: bool = False) -> RunDir:
+    s = setup(recipe, resume)
+    unet = s.pipe.unet
+    if recipe.train.trainable == "lora":
+        from lftk.train.lora import add_lora
+
+        add_lora(unet, recipe.train.lora)
+    unet.train()
+    engine, _ = setup_engine(unet, recipe)
+    gen = torch.Generator().manual_seed(recipe.seed)
+    step = 0
+    if resume:
+        _, client = engine.load_checkpoint(str(s.run.checkpoints))
+        if client is None:
+            raise LftkError(f"{s.run.checkpoints}: no complete checkpoint to resume from")
+        step = client["step"]
+        gen.set_state(client["rng"])
+        if s.rank == 0:
+            s.run.truncate_metrics(step)
+        log.info("resumed at step %d", step)
+    steps = total_steps(s)
+    accum = recipe.train.grad_accum
+    loader = make_loader(
+        s.train_set, recipe.train.batch_size, accum, s.rank, s.world, recipe.seed, step * accum, recipe.data.num_workers
+    )
+    t0, last = time.perf_counter(), float("nan")
+    micro = iter(loader)
+    with progress_bar("train", total=steps, completed=step, enabled=s.rank == 0) as advance:
+        while step < steps:
+            for _ in range(accum):
+                loss = ip2p_loss(engine, s.parts, next(micro), recipe.train.conditioning_dropout, gen)
+                if not math.isfinite(loss.item()):
+                    raise LftkError(f"loss is {loss.item()} at step {step}: stopping; the last good checkpoint is kept")
+                engine.backward(loss)
+                engine.step()
+            step += 1
+            last = loss.item()
+            advance(1)
+            if s.rank == 0 and (step % recipe.train.log_every == 0 or step == steps):
+                s.run.log_metrics({"step": step, "loss": last, "lr": engine.get_lr()[0], "elapsed_s": round(time.perf_counter() - t0, 2)})
+            every = recipe.train.checkpoint_every
+            if (every and step % every == 0) or step == steps:
+                vl = val_loss(engine.module, s)
+                if s.rank == 0 and vl is not None:
+                    s.run.log_metrics({"step": step, "val_loss": vl})
+                _checkpoint(engine, s, step, gen)
+    _save_final(engine, s, step, last)
+    if s.rank == 0:
+        s.run.plot_loss()
+        log.info("trained %d steps in %.0f s; final model: %s", step, time.perf_counter() - t0, s.run.final)
+    return s.run

@@ -1,0 +1,68 @@
+"""The InstructPix2Pix training objective (Brooks et al. 2023, sec. 3.2), applied to future frames.
+
+The UNet predicts the noise added to the *future* frame's latent, conditioned on the *current*
+frame's latent (concatenated on channels) and the instruction embedding. Conditioning dropout
+drops the text, the image, or both, so that classifier-free guidance over both works at inference.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class FrozenParts:
+    """Everything the loss needs besides the trainable UNet (kept out of the DeepSpeed engine)."""
+
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    noise_scheduler: object  # diffusers DDPMScheduler
+    null_ids: torch.Tensor  # (1, 77) token ids of the empty prompt
+    scaling_factor: float
+
+    @torch.no_grad()
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_encoder(input_ids)[0]
+
+    @torch.no_grad()
+    def encode_future(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        dist = self.vae.encode(pixels).latent_dist
+        eps = torch.randn(dist.mean.shape, generator=gen, dtype=dist.mean.dtype).to(dist.mean.device)
+        return (dist.mean + dist.std * eps) * self.scaling_factor
+
+    @torch.no_grad()
+    def encode_current(self, pixels: torch.Tensor) -> torch.Tensor:
+        # IP2P conditions on the unscaled mode of the image posterior (as its pipeline does at inference).
+        return self.vae.encode(pixels).latent_dist.mode()
+
+
+def ip2p_loss(unet, parts: FrozenParts, batch: dict, dropout: float, gen: torch.Generator) -> torch.Tensor:
+    """Diffusion (epsilon-prediction MSE) loss for one batch of (current, future, input_ids)."""
+    device = next(unet.parameters()).device
+    dtype = next(unet.parameters()).dtype
+    current = batch["current"].to(device)
+    future = batch["future"].to(device)
+    bsz = future.shape[0]
+
+    latents = parts.encode_future(future, gen)  # (B, 4, h, w)
+    noise = torch.randn(latents.shape, generator=gen).to(device)
+    steps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen).to(device)
+    noisy = parts.noise_scheduler.add_noise(latents, noise, steps)
+
+    text = parts.encode_text(batch["input_ids"].to(device))  # (B, 77, D)
+    image = parts.encode_current(current)  # (B, 4, h, w)
+    if dropout > 0:
+        # One uniform draw per sample: [0, d) drops text only, [d, 2d) both, [2d, 3d) image only.
+        u = torch.rand(bsz, generator=gen).to(device)
+        drop_text = (u < 2 * dropout).view(bsz, 1, 1)
+        null_text = parts.encode_text(parts.null_ids.to(device)).expand_as(text)
+        text = torch.where(drop_text, null_text, text)
+        keep_image = 1.0 - ((u >= dropout) & (u < 3 * dropout)).float().view(bsz, 1, 1, 1)
+        image = image * keep_image
+
+    model_in = torch.cat([noisy, image], dim=1)  # (B, 8, h, w): noisy future latent ‖ current latent
+    pred = unet(model_in.to(dtype), steps, text.to(dtype)).sample
+    return F.mse_loss(pred.float(), noise.float())

@@ -1,0 +1,94 @@
+"""A run dir: resolved_config.yaml, metrics.jsonl, loss.png, checkpoints/, final/."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+from lftk.config import Recipe, dump_recipe
+from lftk.errors import LftkError
+
+log = logging.getLogger(__name__)
+
+
+class RunDir:
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+        self.config = self.root / "resolved_config.yaml"
+        self.metrics = self.root / "metrics.jsonl"
+        self.loss_png = self.root / "loss.png"
+        self.checkpoints = self.root / "checkpoints"
+        self.final = self.root / "final"
+
+    def create(self, recipe: Recipe, resume: bool) -> None:
+        """A fresh run refuses a dir that already holds one; --resume needs the same config."""
+        text = dump_recipe(recipe)
+        if self.config.exists():
+            if not resume:
+                raise LftkError(f"{self.root} already holds a run: pass --resume to continue it, or a new output_dir")
+            if self.config.read_text() != text:
+                raise LftkError(
+                    f"{self.root}: recipe differs from the run's resolved_config.yaml; resume with the same recipe"
+                )
+        elif resume:
+            raise LftkError(f"{self.root}: nothing to resume (no resolved_config.yaml)")
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.config, text)
+
+    def log_metrics(self, row: dict) -> None:
+        with self.metrics.open("a") as f:
+            f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
+
+    def read_metrics(self) -> list[dict]:
+        if not self.metrics.exists():
+            return []
+        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """On resume, drop rows logged after the checkpoint so the log has no duplicate steps."""
+        rows = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
+        write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def plot_loss(self) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = self.read_metrics()
+        train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+        val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+        if train:
+            ax.plot(*zip(*train), label="train", lw=1)
+        if val:
+            ax.plot(*zip(*val), "o-", label="val", lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("diffusion loss")
+        ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        tmp = self.loss_png.with_suffix(".tmp.png")
+        fig.savefig(tmp)
+        plt.close(fig)
+        os.replace(tmp, self.loss_png)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written dir into place; the old one (if any) goes only after the new one is there."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
