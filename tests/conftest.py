@@ -26,3 +26,29 @@ def tiny_pipeline_dir(tmp_path_factory) -> Path:
     pipe.save_pretrained(str(out))
     write_meta(out, {"preset": "tiny", "resolution": 64, "prompt_template": "{instruction}"})
     return out
+
+
+def write_pair_dir(root: Path, counts: dict[str, int], size: int = 64, seed: int = 0) -> Path:
+    """A pair dir in the InstructPix2Pix sample format with smooth random frames (fast to write)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        for i in range(n):
+            d = root / split / f"task__episode{i}__f0000"
+            d.mkdir(parents=True)
+            base = rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)
+            for k in (0, 1):
+                img = Image.fromarray(np.roll(base, k, axis=1)).resize((size, size), Image.BILINEAR)
+                img.save(d / f"000000_{k}.jpg", quality=95)
+            (d / "prompt.json").write_text(json.dumps({"instruction": "stack blocks", "horizon": 10, "task": "task"}))
+    (root / "pairs.json").write_text(json.dumps({"horizon": 10}))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs_dir(tmp_path_factory) -> Path:
+    return write_pair_dir(tmp_path_factory.mktemp("pairs") / "pairs", {"train": 8, "val": 2, "test": 2})

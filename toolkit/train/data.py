@@ -6,7 +6,6 @@ in the data is a pure function of the optimizer step: resuming needs only the st
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -14,17 +13,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lftk.data.images import load_rgb
-
-
-@dataclass(frozen=True)
-class PairItem:
-    current: str
-    future: str
-    instruction: str
+from lftk.data.pairset import Pair, format_prompt
 
 
 class PairDataset(Dataset):
-    def __init__(self, items: Sequence[PairItem], resolution: int, tokenizer, template: str):
+    def __init__(self, items: Sequence[Pair], resolution: int, tokenizer, template: str):
         self.items = list(items)
         self.resolution = resolution
         self.tokenizer = tokenizer
@@ -48,7 +41,7 @@ class PairDataset(Dataset):
         return {
             "current": self._pixels(item.current),
             "future": self._pixels(item.future),
-            "input_ids": self.tokenize(self.template.format(instruction=item.instruction)),
+            "input_ids": self.tokenize(format_prompt(self.template, item.instruction)),
         }
 
 

@@ -19,7 +19,8 @@ from lftk.config import Recipe
 from lftk.errors import LftkError
 from lftk.model.base import load_pipeline, read_meta, write_meta
 from lftk.progress import progress_bar
-from lftk.train.data import PairDataset, PairItem, make_loader
+from lftk.data.pairset import PairSet
+from lftk.train.data import PairDataset, make_loader
 from lftk.train.engine import setup_engine
 from lftk.train.objective import FrozenParts, ip2p_loss
 from lftk.train.rundir import RunDir, replace_dir
@@ -39,19 +40,10 @@ class Setup:
     world: int
 
 
-def _pair_items(root: str, split: str) -> list[PairItem]:
-    from lftk.data.pairset import PairSet
-
-    return [PairItem(str(s.current), str(s.future), s.prompt["instruction"]) for s in PairSet(root, split)]
-
-
 def setup(recipe: Recipe, resume: bool) -> Setup:
     from diffusers import DDPMScheduler
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    run = RunDir(recipe.output_dir)
-    if rank == 0:
-        run.create(recipe, resume)
     torch.manual_seed(recipe.seed)
     pipe = load_pipeline(recipe.model.base, revision=recipe.model.revision)
     for frozen in (pipe.vae, pipe.text_encoder):
@@ -65,9 +57,18 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
     )
     d = recipe.data
     res = recipe.train.resolution
-    train_set = PairDataset(_pair_items(d.path, d.train_split), res, pipe.tokenizer, d.prompt_template)
-    val_items = _pair_items(d.path, d.val_split) if (Path(d.path) / d.val_split).is_dir() else []
+    train_set = PairDataset(PairSet(d.path, d.train_split), res, pipe.tokenizer, d.prompt_template)
+    val_items = PairSet(d.path, d.val_split) if (Path(d.path) / d.val_split).is_dir() else []
     val_set = PairDataset(val_items, res, pipe.tokenizer, d.prompt_template) if val_items else None
+    global_batch = recipe.train.batch_size * world
+    if len(train_set) < global_batch:
+        raise LftkError(
+            f"{d.path}/{d.train_split}: {len(train_set)} training pairs, fewer than one batch of {global_batch} "
+            "(lower train.batch_size or make more pairs)"
+        )
+    run = RunDir(recipe.output_dir)  # created only once the inputs are known to be good
+    if rank == 0:
+        run.create(recipe, resume)
     return Setup(recipe, run, pipe, parts, train_set, val_set, rank, world)
 
 

@@ -1,0 +1,79 @@
+"""Training end to end on the tiny model: the real CLI in-process, DeepSpeed ZeRO-2 on CPU (gloo)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lftk.cli import main
+
+RECIPE = "recipes/demo.yaml"
+
+
+def _train(monkeypatch, *args):
+    monkeypatch.setattr("sys.argv", ["lftk", "train", RECIPE, *args])
+    with pytest.raises(SystemExit) as info:
+        main()
+    return info.value.code
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_pipeline_dir, tiny_pairs_dir):
+    run = tmp_path_factory.mktemp("run") / "r"
+    mp = pytest.MonkeyPatch()
+    code = _train(
+        mp, f"output_dir={run}", f"data.path={tiny_pairs_dir}", f"model.base={tiny_pipeline_dir}",
+        "max_steps=4", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=0",
+    )
+    mp.undo()
+    assert code in (0, None)
+    return run
+
+
+def test_run_dir_holds_the_artifact_set(trained_run):
+    names = {p.name for p in trained_run.iterdir()}
+    assert {"resolved_config.yaml", "metrics.jsonl", "loss.png", "checkpoints", "final"} <= names
+    assert (trained_run / "checkpoints" / "latest").read_text().strip() == "step0000004"
+    rows = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]
+    assert all(math.isfinite(x) and x > 0 for x in losses)
+    assert any("val_loss" in r for r in rows)
+    meta = json.loads((trained_run / "final" / "lftk_model.json").read_text())
+    assert meta["resolution"] == 64 and meta["trainable"] == "full" and meta["steps"] == 4 and meta["horizon"] == 10
+
+
+def test_final_loads_in_stock_diffusers_and_predicts(trained_run, tiny_pipeline_dir):
+    import torch
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(trained_run / "final"), safety_checker=None)
+    img = Image.fromarray(np.full((64, 64, 3), 128, np.uint8))
+    out = pipe("stack blocks", image=img, num_inference_steps=2, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 64, 64, 3) and np.isfinite(out).all()
+    # Training changed the UNet and left the frozen VAE alone.
+    name = "diffusion_pytorch_model.safetensors"
+    trained, base = load_file(trained_run / "final/unet" / name), load_file(tiny_pipeline_dir / "unet" / name)
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+    vae_t, vae_b = load_file(trained_run / "final/vae" / name), load_file(tiny_pipeline_dir / "vae" / name)
+    assert all(torch.equal(vae_t[k], vae_b[k]) for k in vae_b)
+
+
+def test_existing_run_refused_without_resume(trained_run, monkeypatch, capsys, tiny_pairs_dir, tiny_pipeline_dir):
+    code = _train(monkeypatch, f"output_dir={trained_run}", f"data.path={tiny_pairs_dir}", f"model.base={tiny_pipeline_dir}", "max_steps=4")
+    assert code == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_too_few_pairs_is_a_clear_error(tmp_path, monkeypatch, capsys, tiny_pairs_dir, tiny_pipeline_dir):
+    code = _train(monkeypatch, f"output_dir={tmp_path / 'r'}", f"data.path={tiny_pairs_dir}",
+                  f"model.base={tiny_pipeline_dir}", "max_steps=1", "train.batch_size=64")
+    assert code == 2
+    assert "fewer than one batch" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists(), "a refused run must leave no run dir behind"
