@@ -106,7 +106,13 @@ def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
         return
     tmp = s.run.root / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    s.pipe.unet = engine.module
+    unet = engine.module
+    if s.recipe.train.trainable == "lora":
+        from lftk.train.lora import merged_copy, save_lora
+
+        save_lora(unet, s.recipe.train.lora, tmp / "lora")
+        unet = merged_copy(unet)
+    s.pipe.unet = unet
     s.pipe.save_pretrained(str(tmp))
     base_meta = read_meta(Path(s.recipe.model.base)) if Path(s.recipe.model.base).is_dir() else {}
     pairs_meta = Path(s.recipe.data.path) / "pairs.json"
@@ -127,6 +133,7 @@ def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
             "steps": step,
             "final_loss": last_loss,
             "precision": s.recipe.train.precision,
+            "lora": s.recipe.train.lora.model_dump() if s.recipe.train.trainable == "lora" else None,
         },
     )
     replace_dir(tmp, s.run.final)

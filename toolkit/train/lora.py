@@ -26,3 +26,27 @@ def add_lora(unet, cfg: LoraConfig) -> None:
     )
     n = sum(p.numel() for p in unet.parameters() if p.requires_grad)
     log.info("LoRA rank %d on %d target pattern(s): %.3f M trainable params", cfg.rank, len(cfg.targets), n / 1e6)
+
+
+def save_lora(unet, cfg: LoraConfig, out_dir) -> None:
+    """Adapters in diffusers' LoRA format, with their config so `load_lora_weights` scales by alpha/r
+    (without the metadata it assumes alpha == r: stack.md)."""
+    from diffusers import StableDiffusionInstructPix2PixPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    peft_cfg = unet.peft_config["default"]
+    StableDiffusionInstructPix2PixPipeline.save_lora_weights(
+        str(out_dir), unet_lora_layers=layers, unet_lora_adapter_metadata=peft_cfg.to_dict(), safe_serialization=True
+    )
+
+
+def merged_copy(unet):
+    """A plain UNet with the adapters folded into its weights (what export and stock loaders want)."""
+    import copy
+
+    merged = copy.deepcopy(unet)
+    merged.fuse_lora()
+    merged.unload_lora()
+    return merged
