@@ -76,6 +76,7 @@ class TrainConfig(Strict):
     )
     log_every: int = Field(10, ge=1)
     checkpoint_every: Optional[int] = Field(None, ge=1, description="Steps between checkpoints; null = end only.")
+    keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
 
     @field_validator("resolution")
     @classmethod

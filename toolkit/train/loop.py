@@ -20,6 +20,7 @@ from lftk.errors import LftkError
 from lftk.model.base import load_pipeline, read_meta, write_meta
 from lftk.progress import progress_bar
 from lftk.data.pairset import PairSet
+from lftk.train import checkpoint
 from lftk.train.data import PairDataset, make_loader
 from lftk.train.engine import setup_engine
 from lftk.train.objective import FrozenParts, ip2p_loss
@@ -97,10 +98,6 @@ def val_loss(unet, s: Setup, max_batches: int = 8) -> float | None:
     return sum(losses) / len(losses)
 
 
-def _checkpoint(engine, s: Setup, step: int, gen: torch.Generator) -> None:
-    engine.save_checkpoint(str(s.run.checkpoints), tag=f"step{step:07d}", client_state={"step": step, "rng": gen.get_state()})
-
-
 def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
     if s.rank != 0:
         return
@@ -151,14 +148,9 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
     gen = torch.Generator().manual_seed(recipe.seed)
     step = 0
     if resume:
-        _, client = engine.load_checkpoint(str(s.run.checkpoints))
-        if client is None:
-            raise LftkError(f"{s.run.checkpoints}: no complete checkpoint to resume from")
-        step = client["step"]
-        gen.set_state(client["rng"])
+        step = checkpoint.load(engine, s.run.checkpoints, gen)
         if s.rank == 0:
             s.run.truncate_metrics(step)
-        log.info("resumed at step %d", step)
     steps = total_steps(s)
     accum = recipe.train.grad_accum
     loader = make_loader(
@@ -184,7 +176,7 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
                 vl = val_loss(engine.module, s)
                 if s.rank == 0 and vl is not None:
                     s.run.log_metrics({"step": step, "val_loss": vl})
-                _checkpoint(engine, s, step, gen)
+                checkpoint.save(engine, s.run.checkpoints, step, gen, s.rank, recipe.train.keep_checkpoints)
     _save_final(engine, s, step, last)
     if s.rank == 0:
         s.run.plot_loss()

@@ -9,6 +9,8 @@ import shutil
 import time
 from pathlib import Path
 
+import yaml
+
 from lftk.config import Recipe, dump_recipe
 from lftk.errors import LftkError
 
@@ -25,14 +27,19 @@ class RunDir:
         self.final = self.root / "final"
 
     def create(self, recipe: Recipe, resume: bool) -> None:
-        """A fresh run refuses a dir that already holds one; --resume needs the same config."""
+        """A fresh run refuses a dir that already holds one; --resume needs the same config
+        (max_steps aside: extending a finished run is a resume too)."""
         text = dump_recipe(recipe)
         if self.config.exists():
             if not resume:
                 raise LftkError(f"{self.root} already holds a run: pass --resume to continue it, or a new output_dir")
-            if self.config.read_text() != text:
+            old = yaml.safe_load(self.config.read_text())
+            new = recipe.model_dump(mode="json")
+            changed = sorted(k for k in set(old) | set(new) if k != "max_steps" and old.get(k) != new.get(k))
+            if changed:
                 raise LftkError(
-                    f"{self.root}: recipe differs from the run's resolved_config.yaml; resume with the same recipe"
+                    f"{self.config}: --resume with a different recipe (changed: {', '.join(changed)}); "
+                    "only max_steps may change on resume"
                 )
         elif resume:
             raise LftkError(f"{self.root}: nothing to resume (no resolved_config.yaml)")
