@@ -32,23 +32,26 @@ def _unet_bytes(run: Path) -> bytes:
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_pairs_dir, tiny_pipeline_dir):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    subprocess.run(_cmd(straight, tiny_pairs_dir, tiny_pipeline_dir), cwd=REPO, env=_env(), check=True,
-                   capture_output=True)
+    res = subprocess.run(_cmd(straight, tiny_pairs_dir, tiny_pipeline_dir), cwd=REPO, env=_env(),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
 
+    log = (tmp_path / "killed.log").open("w")
     proc = subprocess.Popen(_cmd(killed, tiny_pairs_dir, tiny_pipeline_dir), cwd=REPO, env=_env(),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while not list((killed / "checkpoints").glob("step*/COMPLETE")):
-        assert proc.poll() is None, "training ended before it could be killed"
+        assert proc.poll() is None, "training ended before it could be killed:\n" + (tmp_path / "killed.log").read_text()
         assert time.time() < deadline
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / "final").exists(), "killed too late: the run had already finished"
 
-    subprocess.run(_cmd(killed, tiny_pairs_dir, tiny_pipeline_dir, "--resume"), cwd=REPO, env=_env(), check=True,
-                   capture_output=True)
-    assert _unet_bytes(killed) == _unet_bytes(straight)
+    res = subprocess.run(_cmd(killed, tiny_pairs_dir, tiny_pipeline_dir, "--resume"), cwd=REPO, env=_env(),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert _unet_bytes(killed) == _unet_bytes(straight), "resumed weights differ from the uninterrupted run"
     steps = [line for line in (killed / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
     assert len(steps) == 14, "metrics after resume must hold each step once"
     assert len(list((killed / "checkpoints").glob("step*"))) == 2, "rotation keeps the newest two"

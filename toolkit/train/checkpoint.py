@@ -32,10 +32,11 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
 
 
-def save(engine, ckpt_dir: Path, step: int, gen: torch.Generator, rank: int, keep: int) -> None:
-    """Collective: every rank calls it (ZeRO shards the optimizer state across ranks)."""
+def save(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> None:
+    """Collective: every rank calls it (ZeRO shards the optimizer state across ranks).
+    The data position and per-sample noise follow from `step`; the global torch RNG (LoRA dropout) is saved."""
     tag = tag_for(step)
-    client = {"step": step, "rng": gen.get_state(), "torch_rng": torch.get_rng_state()}
+    client = {"step": step, "torch_rng": torch.get_rng_state()}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     _barrier()
     if rank == 0:
@@ -55,8 +56,8 @@ def _rotate(ckpt_dir: Path, keep: int, current: str) -> None:
         shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: Path, gen: torch.Generator) -> int:
-    """Restore the newest complete checkpoint into `engine` and `gen`; returns its step."""
+def load(engine, ckpt_dir: Path) -> int:
+    """Restore the newest complete checkpoint into `engine` and the torch RNG; returns its step."""
     tags = complete_tags(ckpt_dir)
     if not tags:
         raise LftkError(f"{ckpt_dir}: no complete checkpoint to resume from")
@@ -64,7 +65,6 @@ def load(engine, ckpt_dir: Path, gen: torch.Generator) -> int:
     path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag)
     if path is None or client is None:
         raise LftkError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
-    gen.set_state(client["rng"])
     torch.set_rng_state(client["torch_rng"])
     log.info("resumed from %s (step %d)", ckpt_dir / tag, client["step"])
     return int(client["step"])

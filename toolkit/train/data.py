@@ -36,17 +36,21 @@ class PairDataset(Dataset):
         ).input_ids
         return ids[0]
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, key_index: tuple[int, int] | int) -> dict:
+        # (key, index): key is the sample's global position in the data stream (seeds its noise).
+        key, i = key_index if isinstance(key_index, tuple) else (key_index, key_index)
         item = self.items[i]
         return {
+            "key": key,
             "current": self._pixels(item.current),
             "future": self._pixels(item.future),
             "input_ids": self.tokenize(format_prompt(self.template, item.instruction)),
         }
 
 
-class StepSampler(Sampler[int]):
-    """Indices for this rank from global batch `start_batch` on; epochs reshuffle with (seed, epoch)."""
+class StepSampler(Sampler[tuple[int, int]]):
+    """(key, index) for this rank from global batch `start_batch` on; epochs reshuffle with (seed, epoch).
+    The key is the sample's position in the global stream, the same whatever the number of ranks."""
 
     def __init__(self, n: int, global_batch: int, rank: int, world: int, seed: int, start_batch: int = 0):
         if n < global_batch:
@@ -55,14 +59,16 @@ class StepSampler(Sampler[int]):
         self.seed, self.start_batch = seed, start_batch
         self.batches_per_epoch = n // global_batch  # drop the ragged tail: every step has the same batch
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         per_rank = self.global_batch // self.world
         batch = self.start_batch
         while True:
             epoch, within = divmod(batch, self.batches_per_epoch)
             order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
             chunk = order[within * self.global_batch : (within + 1) * self.global_batch]
-            yield from chunk[self.rank * per_rank : (self.rank + 1) * per_rank].tolist()
+            first = batch * self.global_batch + self.rank * per_rank
+            mine = chunk[self.rank * per_rank : (self.rank + 1) * per_rank].tolist()
+            yield from ((first + j, idx) for j, idx in enumerate(mine))
             batch += 1
 
     def __len__(self) -> int:  # endless; the loop stops at max_steps

@@ -14,10 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 
 from lftk.config import Recipe
 from lftk.errors import LftkError
 from lftk.model.base import load_pipeline, read_meta, write_meta
+from lftk.model.components import vae_scale_factor
 from lftk.progress import progress_bar
 from lftk.data.pairset import PairSet
 from lftk.train import checkpoint
@@ -55,6 +57,7 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
         noise_scheduler=DDPMScheduler.from_config(pipe.scheduler.config),
         null_ids=pipe.tokenizer("", padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids,
         scaling_factor=float(pipe.vae.config.scaling_factor),
+        vae_scale=vae_scale_factor(pipe.vae),
     )
     d = recipe.data
     res = recipe.train.resolution
@@ -87,13 +90,11 @@ def val_loss(unet, s: Setup, max_batches: int = 8) -> float | None:
     if s.val_set is None:
         return None
     unet.eval()
-    gen = torch.Generator().manual_seed(s.recipe.seed + 1)
     bs = s.recipe.train.batch_size
     losses = []
     for start in range(0, min(len(s.val_set), bs * max_batches), bs):
-        rows = [s.val_set[i] for i in range(start, min(start + bs, len(s.val_set)))]
-        batch = {k: torch.stack([r[k] for r in rows]) for k in rows[0]}
-        losses.append(ip2p_loss(unet, s.parts, batch, 0.0, gen).item())
+        batch = default_collate([s.val_set[i] for i in range(start, min(start + bs, len(s.val_set)))])
+        losses.append(ip2p_loss(unet, s.parts, batch, 0.0, s.recipe.seed + 1).item())
     unet.train()
     return sum(losses) / len(losses)
 
@@ -145,10 +146,9 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
         add_lora(unet, recipe.train.lora)
     unet.train()
     engine, _ = setup_engine(unet, recipe)
-    gen = torch.Generator().manual_seed(recipe.seed)
     step = 0
     if resume:
-        step = checkpoint.load(engine, s.run.checkpoints, gen)
+        step = checkpoint.load(engine, s.run.checkpoints)
         if s.rank == 0:
             s.run.truncate_metrics(step)
     steps = total_steps(s)
@@ -161,7 +161,7 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
     with progress_bar("train", total=steps, completed=step, enabled=s.rank == 0) as advance:
         while step < steps:
             for _ in range(accum):
-                loss = ip2p_loss(engine, s.parts, next(micro), recipe.train.conditioning_dropout, gen)
+                loss = ip2p_loss(engine, s.parts, next(micro), recipe.train.conditioning_dropout, recipe.seed)
                 if not math.isfinite(loss.item()):
                     raise LftkError(f"loss is {loss.item()} at step {step}: stopping; the last good checkpoint is kept")
                 engine.backward(loss)
@@ -176,7 +176,7 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
                 vl = val_loss(engine.module, s)
                 if s.rank == 0 and vl is not None:
                     s.run.log_metrics({"step": step, "val_loss": vl})
-                checkpoint.save(engine, s.run.checkpoints, step, gen, s.rank, recipe.train.keep_checkpoints)
+                checkpoint.save(engine, s.run.checkpoints, step, s.rank, recipe.train.keep_checkpoints)
     _save_final(engine, s, step, last)
     if s.rank == 0:
         s.run.plot_loss()

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lftk.model.components import LATENT_CHANNELS
 
 
 @dataclass
@@ -22,16 +25,16 @@ class FrozenParts:
     noise_scheduler: object  # diffusers DDPMScheduler
     null_ids: torch.Tensor  # (1, 77) token ids of the empty prompt
     scaling_factor: float
+    vae_scale: int  # pixels per latent cell (8 for SD 1.5)
 
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids)[0]
 
     @torch.no_grad()
-    def encode_future(self, pixels: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    def encode_future(self, pixels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         dist = self.vae.encode(pixels).latent_dist
-        eps = torch.randn(dist.mean.shape, generator=gen, dtype=dist.mean.dtype).to(dist.mean.device)
-        return (dist.mean + dist.std * eps) * self.scaling_factor
+        return (dist.mean + dist.std * eps.to(dist.mean)) * self.scaling_factor
 
     @torch.no_grad()
     def encode_current(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -39,24 +42,51 @@ class FrozenParts:
         return self.vae.encode(pixels).latent_dist.mode()
 
 
-def ip2p_loss(unet, parts: FrozenParts, batch: dict, dropout: float, gen: torch.Generator) -> torch.Tensor:
-    """Diffusion (epsilon-prediction MSE) loss for one batch of (current, future, input_ids)."""
+@dataclass
+class SampleNoise:
+    """Every random draw of one sample, from a generator seeded by (run seed, sample key).
+
+    Keys are global positions in the data stream, so the draws do not depend on how a batch is
+    split across ranks or accumulation steps: 2 ranks x 1 equals 1 rank x 2, and a resumed run
+    redraws exactly what the killed one would have.
+    """
+
+    posterior: torch.Tensor  # (B, 4, h, w) VAE posterior sample
+    noise: torch.Tensor  # (B, 4, h, w) diffusion noise
+    timesteps: torch.Tensor  # (B,)
+    u: torch.Tensor  # (B,) conditioning-dropout draw
+
+    @classmethod
+    def draw(cls, seed: int, keys: torch.Tensor, latent_shape: tuple, num_timesteps: int) -> "SampleNoise":
+        rows = []
+        for key in keys.tolist():
+            g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed, key]).generate_state(1)[0]))
+            rows.append((torch.randn(latent_shape, generator=g), torch.randn(latent_shape, generator=g),
+                         torch.randint(0, num_timesteps, (), generator=g), torch.rand((), generator=g)))
+        post, noise, t, u = zip(*rows)
+        return cls(torch.stack(post), torch.stack(noise), torch.stack(t), torch.stack(u))
+
+
+def ip2p_loss(unet, parts: FrozenParts, batch: dict, dropout: float, seed: int) -> torch.Tensor:
+    """Diffusion (epsilon-prediction MSE) loss for one batch of (current, future, input_ids, key)."""
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     current = batch["current"].to(device)
     future = batch["future"].to(device)
     bsz = future.shape[0]
+    latent_shape = (LATENT_CHANNELS, *(s // parts.vae_scale for s in future.shape[-2:]))
+    draws = SampleNoise.draw(seed, batch["key"], latent_shape, parts.noise_scheduler.config.num_train_timesteps)
 
-    latents = parts.encode_future(future, gen)  # (B, 4, h, w)
-    noise = torch.randn(latents.shape, generator=gen).to(device)
-    steps = torch.randint(0, parts.noise_scheduler.config.num_train_timesteps, (bsz,), generator=gen).to(device)
+    latents = parts.encode_future(future, draws.posterior.to(device))  # (B, 4, h, w)
+    noise = draws.noise.to(device)
+    steps = draws.timesteps.to(device)
     noisy = parts.noise_scheduler.add_noise(latents, noise, steps)
 
     text = parts.encode_text(batch["input_ids"].to(device))  # (B, 77, D)
     image = parts.encode_current(current)  # (B, 4, h, w)
     if dropout > 0:
         # One uniform draw per sample: [0, d) drops text only, [d, 2d) both, [2d, 3d) image only.
-        u = torch.rand(bsz, generator=gen).to(device)
+        u = draws.u.to(device)
         drop_text = (u < 2 * dropout).view(bsz, 1, 1)
         null_text = parts.encode_text(parts.null_ids.to(device)).expand_as(text)
         text = torch.where(drop_text, null_text, text)
