@@ -52,3 +52,14 @@ def write_pair_dir(root: Path, counts: dict[str, int], size: int = 64, seed: int
 @pytest.fixture(scope="session")
 def tiny_pairs_dir(tmp_path_factory) -> Path:
     return write_pair_dir(tmp_path_factory.mktemp("pairs") / "pairs", {"train": 8, "val": 2, "test": 2})
+
+
+@pytest.fixture(scope="session")
+def tiny_export_dir(tiny_pipeline_dir, tmp_path_factory) -> Path:
+    """The tiny pipeline exported to ONNX (four graphs, parity checked, manifest), once a session.
+    Read-only for tests: copy it (shutil.copytree) before changing anything in it."""
+    from lftk.export.onnx_export import export_onnx
+
+    out = tmp_path_factory.mktemp("export") / "tiny_onnx"
+    export_onnx(tiny_pipeline_dir, out)
+    return out

@@ -117,14 +117,8 @@ def data_pairs(
     """
     from lftk.data.pairs import make_pairs
 
-    try:
-        fractions = tuple(float(x) for x in split.split(","))
-    except ValueError:
-        raise LftkError(f"--split '{split}': expected three numbers like 0.8,0.1,0.1") from None
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise LftkError(f"--split '{split}': expected three non-negative fractions summing to 1")
-    summary = make_pairs(episodes, out, horizon=horizon, stride=stride, split=fractions, seed=seed)
-    counts = ", ".join(f"{k} {v}" for k, v in summary.get("counts", {}).items())
+    summary = make_pairs(episodes, out, horizon=horizon, stride=stride, split=split, seed=seed)
+    counts = ", ".join(f"{k} {v['pairs']} pairs/{v['episodes']} episodes" for k, v in summary["counts"].items())
     _done(f"pairs written to {out} ({counts})")
 
 
@@ -222,7 +216,7 @@ def eval_cmd(
     names = tuple(b.strip() for b in baselines.split(",") if b.strip())
     report = evaluate(model, data, out, split=split, steps=steps, seed=seed, max_samples=max_samples, baselines=names)
     for method, m in report["means"].items():
-        typer.echo(f"{method:>12}: SSIM {m['ssim']:.4f}  PSNR {m['psnr']:.2f} dB  (n={report['n']})")
+        typer.echo(f"{method:>12}: SSIM {m['ssim']:.4f}  PSNR {m['psnr']:.2f} dB  (n={report['n_samples']})")
     _done(f"report: {out / 'report.json'}  grid: {out / 'grid.png'}")
 
 
