@@ -65,3 +65,26 @@ def test_resume_with_changed_recipe_is_refused(tmp_path, tiny_pairs_dir, tiny_pi
                          cwd=REPO, env=_env(), capture_output=True, text=True)
     assert res.returncode == 2
     assert "changed: train" in res.stderr
+
+
+def test_adamw8bit_under_zero_keeps_its_8bit_state_across_resume(tmp_path, tiny_pairs_dir, tiny_pipeline_dir):
+    import torch
+
+    extra = ("train.optimizer=adamw8bit", "train.min_8bit_size=256", "max_steps=4")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for run, steps in ((straight, "max_steps=4"), (resumed, "max_steps=2")):
+        res = subprocess.run(_cmd(run, tiny_pairs_dir, tiny_pipeline_dir, *extra, steps), cwd=REPO, env=_env(),
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-3000:]
+    optim = next((resumed / "checkpoints" / "step0000002").glob("*optim_states.pt"))
+    state = torch.load(optim, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["state"]
+    def tensors(d):  # bitsandbytes nests its quantisation state one level down
+        for v in d.values():
+            yield from tensors(v) if isinstance(v, dict) else ([v] if torch.is_tensor(v) else [])
+
+    dtypes = {t.dtype for t in tensors(state)}
+    assert torch.uint8 in dtypes, f"no 8-bit optimizer state in the checkpoint (dtypes {dtypes})"
+    res = subprocess.run(_cmd(resumed, tiny_pairs_dir, tiny_pipeline_dir, *extra, "--resume"), cwd=REPO, env=_env(),
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _unet_bytes(resumed) == _unet_bytes(straight), "8-bit state did not survive the resume"

@@ -63,6 +63,7 @@ class TrainConfig(Strict):
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw8bit"] = Field(
         "adamw", description="adamw8bit/paged_adamw8bit (bitsandbytes) quarter the optimizer state."
     )
+    min_8bit_size: int = Field(4096, ge=1, description="8-bit optimizers keep 32-bit state for tensors smaller than this.")
     warmup_steps: int = Field(0, ge=0)
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
     resolution: int = Field(128, ge=16, description="Training image side in pixels (multiple of 8).")

@@ -70,7 +70,7 @@ def _client_optimizer(recipe: Recipe, params):
     except ImportError as exc:
         raise NotAvailableError(f"train.optimizer={t.optimizer} needs bitsandbytes: pip install 'lftk[train]'") from exc
     cls = {"adamw8bit": bnb.optim.AdamW8bit, "paged_adamw8bit": bnb.optim.PagedAdamW8bit}[t.optimizer]
-    return cls(params, lr=t.lr, weight_decay=t.weight_decay)
+    return cls(params, lr=t.lr, weight_decay=t.weight_decay, min_8bit_size=t.min_8bit_size)
 
 
 def _lr_lambda(recipe: Recipe):
