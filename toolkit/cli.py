@@ -170,6 +170,8 @@ def train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint."),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Local processes (GPUs); >1 launches torchrun."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved recipe and exit."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Estimate per-rank GPU memory and exit (no data, no weights)."),
+    gpu_mem: Optional[float] = typer.Option(None, "--gpu-mem", help="With --dry-run: card memory in GiB to check against."),
 ) -> None:
     """Fine-tune InstructPix2Pix with DeepSpeed.
 
@@ -180,6 +182,11 @@ def train_cmd(
     cfg = load_recipe(recipe, overrides or [])
     if print_config:
         typer.echo(dump_recipe(cfg))
+        return
+    if dry_run:
+        from lftk.train.memory import estimate, format_estimate
+
+        typer.echo(format_estimate(estimate(cfg, world=nproc), gpu_mem))
         return
     if nproc > 1 and "RANK" not in os.environ:
         from lftk.train.launch import launch_local
@@ -270,7 +277,7 @@ def infer_cmd(
     from lftk.deploy.infer import run_infer
 
     summary = run_infer(model, image, instruction, backend=backend, frames=frames, mode=mode, steps=steps, seed=seed, out=out)
-    _done(f"{frames} frame(s) in {summary.get('total_s', 0):.2f} s -> {out} (gif: {out / 'rollout.gif'})")
+    _done(f"{frames} frame(s) in {summary['total_seconds']:.2f} s -> {out} (gif: {out / 'rollout.gif'})")
 
 
 @app.command("bench")

@@ -1,0 +1,145 @@
+"""Backends: the four network calls of InstructPix2Pix, answered by torch or by onnxruntime.
+
+Backends differ only in how the networks are called; everything else (tokenizer, scheduler,
+guidance, rollouts) is the runner's, shared by all. Each backend also names the pipeline dir
+its tokenizer and scheduler config come from, its resolution and VAE scaling factor, and keeps
+per-network call timings (for timing.json and, later, `lftk bench`).
+
+Tensors cross this interface as host torch tensors (float32; token ids int64). A TensorRT
+backend, or IO binding for onnxruntime on CUDA, slots in by overriding the `_call` methods.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from lftk.errors import LftkError
+from lftk.export.contract import COMPONENTS
+from lftk.export.manifest import PIPELINE_DIR, rebuild_hint, verify_manifest
+from lftk.export.ort_graph import DEFAULT_PROVIDERS, OrtGraph
+
+log = logging.getLogger(__name__)
+
+
+class Backend(abc.ABC):
+    """Four timed calls around four abstract ones; subclasses set the attributes in __init__."""
+
+    name: str
+    pipeline_dir: Path  # tokenizer/, scheduler/, lftk_model.json
+    resolution: int
+    scaling_factor: float
+
+    def __init__(self):
+        self.stats: dict[str, list] = {c: [0, 0.0] for c in COMPONENTS}  # component -> [calls, seconds]
+
+    @property
+    @abc.abstractmethod
+    def providers(self) -> list[str]:
+        """Where the networks really run (for ORT: what the sessions report, not what was asked)."""
+
+    @abc.abstractmethod
+    def _call(self, component: str, *tensors: torch.Tensor) -> torch.Tensor:
+        """Run one network on host tensors, positional in its contract's input order."""
+
+    def _timed(self, component: str, *tensors: torch.Tensor) -> torch.Tensor:
+        t0 = time.perf_counter()
+        out = self._call(component, *tensors)
+        rec = self.stats[component]
+        rec[0] += 1
+        rec[1] += time.perf_counter() - t0
+        return out
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(N, 77) int64 -> (N, 77, D)."""
+        return self._timed("text_encoder", input_ids)
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 4, h, w) unscaled latent mean."""
+        return self._timed("vae_encoder", image)
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, 8, h, w), (B,) float32, (B, 77, D) -> (B, 4, h, w)."""
+        return self._timed("unet", sample, timestep, embeddings)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B, 4, h, w) unscaled latent -> (B, 3, H, W)."""
+        return self._timed("vae_decoder", latent)
+
+    def reset_stats(self) -> None:
+        for rec in self.stats.values():
+            rec[0], rec[1] = 0, 0.0
+
+    def ms_per_call(self, component: str) -> float | None:
+        calls, seconds = self.stats[component]
+        return 1000.0 * seconds / calls if calls else None
+
+
+class TorchBackend(Backend):
+    """The diffusers modules of a pipeline dir, called through the same wrappers that get exported."""
+
+    name = "torch"
+
+    def __init__(self, pipeline_dir: Path, resolution: int | None = None):
+        from lftk.export.contract import build_contracts
+        from lftk.export.onnx_export import pick_resolution
+        from lftk.model.base import load_pipeline
+
+        super().__init__()
+        self.pipeline_dir = Path(pipeline_dir)
+        pipe = load_pipeline(self.pipeline_dir)
+        self.resolution = pick_resolution(self.pipeline_dir, pipe, resolution)
+        self.scaling_factor = float(pipe.vae.config.scaling_factor)
+        contracts = build_contracts(pipe, self.resolution)
+        self.modules = {name: c.module(pipe) for name, c in contracts.items()}
+        self.pipeline = pipe  # tokenizer and scheduler ride along; tests compare against it
+
+    @property
+    def providers(self) -> list[str]:
+        return [f"torch:{torch.device('cpu')}({torch.get_num_threads()} threads)"]
+
+    def _call(self, component, *tensors):
+        with torch.inference_mode():
+            return self.modules[component](*tensors)
+
+
+class OrtBackend(Backend):
+    """onnxruntime sessions over an export dir whose manifest checks out; refuses anything else."""
+
+    name = "ort"
+
+    def __init__(self, export_dir: Path, providers: Sequence[str] | None = None, threads: int = 0):
+        super().__init__()
+        self.export_dir = Path(export_dir)
+        manifest = verify_manifest(self.export_dir)
+        missing = [c for c in COMPONENTS if c not in manifest.get("components", {})]
+        if missing:
+            raise LftkError(
+                f"{self.export_dir}: manifest lacks {', '.join(missing)}; {rebuild_hint(self.export_dir, manifest)}"
+            )
+        self.manifest = manifest
+        self.pipeline_dir = self.export_dir / manifest.get("pipeline", PIPELINE_DIR)
+        self.resolution = int(manifest["resolution"])
+        self.scaling_factor = float(manifest["scaling_factor"])
+        self.graphs = {}
+        for name in COMPONENTS:
+            comp = manifest["components"][name]
+            dtypes = {t["name"]: t["dtype"] for t in comp["inputs"]}
+            path = self.export_dir / comp["files"][0]["path"]
+            self.graphs[name] = OrtGraph(path, dtypes, comp["outputs"][0]["name"], providers or DEFAULT_PROVIDERS, threads)
+        log.info("ort backend on %s: %s", self.export_dir, ", ".join(self.providers))
+
+    @property
+    def providers(self) -> list[str]:
+        return self.graphs["unet"].providers
+
+    def _call(self, component, *tensors):
+        return self.graphs[component](*tensors)
+
+
+BACKENDS = ("torch", "ort", "trt")

@@ -1,0 +1,153 @@
+"""InstructPix2Pix sampling over any backend that offers the four network calls.
+
+The loop follows diffusers' `StableDiffusionInstructPix2PixPipeline` step for step (branch order,
+unscaled image latents, `scale_model_input`, the same generator draws), so that with torch modules
+it reproduces the pipeline's output for the same seed. It lives in `lftk.export` rather than
+`lftk.deploy` because the export parity check needs the same loop and export may not import deploy;
+the deploy runner builds on it. Frames and instructions (uint8, prompt templates, rollouts) are
+the runner's business, not this module's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from lftk.errors import LftkError
+from lftk.export.contract import CFG_BRANCHES, TEXT_SEQ_LEN
+
+SCHEDULERS = {
+    "euler_a": "EulerAncestralDiscreteScheduler",  # what InstructPix2Pix ships with
+    "ddim": "DDIMScheduler",  # deterministic at eta=0: handy for comparing backends
+}
+
+
+class Networks(Protocol):
+    """The four calls a backend answers; tensors are torch, on the host, float32 unless stated."""
+
+    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(N, 77) int64 -> (N, 77, D)."""
+
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, 4, h, w), the unscaled latent mean."""
+
+    def unet(self, sample: torch.Tensor, timestep: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, 8, h, w), (B,) float32, (B, 77, D) -> (B, 4, h, w) noise prediction."""
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """(B, 4, h, w) unscaled latent -> (B, 3, H, W) in about [-1, 1]."""
+
+
+def make_scheduler(config, kind: str = "euler_a"):
+    """A diffusers scheduler of `kind` built from a pipeline's scheduler config (dict or FrozenDict)."""
+    import diffusers
+
+    if kind not in SCHEDULERS:
+        raise LftkError(f"unknown scheduler '{kind}': choose one of {', '.join(SCHEDULERS)}")
+    return getattr(diffusers, SCHEDULERS[kind]).from_config(dict(config))
+
+
+def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(N, 77) int64 ids, padded and truncated the way the diffusers pipeline does it."""
+    ids = tokenizer(prompts, padding="max_length", max_length=TEXT_SEQ_LEN, truncation=True, return_tensors="pt")
+    return ids.input_ids.to(torch.int64)
+
+
+def images_to_model(images: np.ndarray) -> torch.Tensor:
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1], with diffusers' own arithmetic."""
+    unit = torch.from_numpy(np.array(images, dtype=np.uint8)).to(torch.float32) / 255.0  # copy: inputs may be read-only
+    return (2.0 * unit - 1.0).permute(0, 3, 1, 2).contiguous()
+
+
+def model_to_unit(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) float32 in [0, 1]."""
+    return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy()
+
+
+def unit_to_uint8(images: np.ndarray) -> np.ndarray:
+    return (images * 255).round().astype(np.uint8)
+
+
+def _step_kwargs(scheduler, generator: torch.Generator | None, eta: float) -> dict:
+    # Euler ancestral draws noise from the generator; DDIM takes eta; neither takes both.
+    params = inspect.signature(scheduler.step).parameters
+    kwargs = {}
+    if "eta" in params:
+        kwargs["eta"] = eta
+    if "generator" in params:
+        kwargs["generator"] = generator
+    return kwargs
+
+
+def uses_cfg(guidance: float, image_guidance: float) -> bool:
+    """The pipeline's switch: below these scales guidance is a no-op, so one branch is run, not three."""
+    return guidance > 1.0 and image_guidance >= 1.0
+
+
+class IP2PSampler:
+    """Denoise latents conditioned on a frame and an instruction, over one backend's networks."""
+
+    def __init__(self, nets: Networks, scheduler, scaling_factor: float):
+        self.nets = nets
+        self.scheduler = scheduler  # a template: each call builds a fresh one (schedulers keep step state)
+        self.scaling_factor = float(scaling_factor)
+
+    def encode_prompt(self, tokenizer, prompt: str) -> torch.Tensor:
+        """(2, 77, D): the instruction's embedding and the empty prompt's, in one text-encoder call."""
+        return self.nets.encode_text(tokenize(tokenizer, [prompt, ""]))
+
+    def denoise(
+        self,
+        images: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        steps: int,
+        guidance: float,
+        image_guidance: float,
+        generator: torch.Generator | None,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+    ) -> torch.Tensor:
+        """(B, 3, H, W) frames in [-1, 1] + (2, 77, D) embeddings -> (B, 4, h, w) scaled latents."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        if steps < 1:
+            raise LftkError(f"steps must be >= 1, got {steps}")
+        scheduler = type(self.scheduler).from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps)
+        batch = images.shape[0]
+        image_latents = self.nets.encode_image(images)  # (B, 4, h, w), unscaled: IP2P conditions on it as is
+        text, uncond = prompt_embeds[0:1], prompt_embeds[1:2]
+        cfg = uses_cfg(guidance, image_guidance)
+        if cfg:
+            # (3B, 77, D): text x B ‖ empty x B ‖ empty x B, branch-major like diffusers
+            embeds = torch.cat([e.expand(batch, -1, -1) for e in (text, uncond, uncond)])
+            # (3B, 4, h, w): image ‖ image ‖ zeros -- the third branch drops the frame too
+            cond = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
+        else:
+            embeds, cond = text.expand(batch, -1, -1), image_latents
+        branches = CFG_BRANCHES if cfg else 1
+        if latents is None:
+            latents = randn_tensor(tuple(image_latents.shape), generator=generator, dtype=image_latents.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        step_kwargs = _step_kwargs(scheduler, generator, eta)
+        for t in scheduler.timesteps:
+            model_in = scheduler.scale_model_input(torch.cat([latents] * branches), t)
+            model_in = torch.cat([model_in, cond], dim=1)  # (3B, 8, h, w): noisy latent ‖ image latent
+            timestep = t.to(torch.float32).expand(model_in.shape[0])  # (3B,) float32, see contract
+            noise = self.nets.unet(model_in, timestep, embeds)
+            if cfg:
+                noise_text, noise_image, noise_uncond = noise.chunk(CFG_BRANCHES)
+                noise = (
+                    noise_uncond
+                    + guidance * (noise_text - noise_image)
+                    + image_guidance * (noise_image - noise_uncond)
+                )
+            latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
+        return latents
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, 4, h, w) scaled latents -> (B, 3, H, W) images in about [-1, 1]."""
+        return self.nets.decode(latents / self.scaling_factor)
