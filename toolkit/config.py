@@ -70,7 +70,12 @@ class TrainConfig(Strict):
     trainable: Literal["full", "lora"] = Field("lora", description="Train the whole UNet or LoRA adapters.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Mixed precision of the engine.")
-    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        2, description="DeepSpeed ZeRO: 1 shards optimizer state, 2 also gradients, 3 also weights across ranks."
+    )
+    offload_optimizer: bool = Field(False, description="Optimizer state in CPU RAM (ZeRO >= 1): less GPU memory, slower.")
+    offload_params: bool = Field(False, description="Weights in CPU RAM (ZeRO-3 only): the last resort for small cards.")
+    gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward: ~8x less activation memory, ~30% slower.")
     epochs: Optional[int] = Field(None, ge=1, description="Used when max_steps is null.")
     conditioning_dropout: float = Field(
         0.05, ge=0, lt=1, description="Probability of dropping text and image conditions (each) for CFG."
@@ -94,6 +99,15 @@ class Recipe(Strict):
     data: DataConfig
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> "Recipe":
+        t = self.train
+        if t.offload_optimizer and t.zero_stage == 0:
+            raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
+        if t.offload_params and t.zero_stage != 3:
+            raise ValueError("train.offload_params needs train.zero_stage: 3")
+        return self
 
     @model_validator(mode="after")
     def _steps_or_epochs(self) -> "Recipe":

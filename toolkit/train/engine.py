@@ -40,7 +40,7 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.batch_size * t.grad_accum * world_size,
-        "zero_optimization": {"stage": t.zero_stage},
+        "zero_optimization": _zero_block(recipe),
         "steps_per_print": 10**9,  # lftk logs its own metrics
         "wall_clock_breakdown": False,
     }
@@ -59,6 +59,16 @@ def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
     else:
         cfg["zero_allow_untested_optimizer"] = True
     return cfg
+
+
+def _zero_block(recipe: Recipe) -> dict:
+    t = recipe.train
+    block: dict = {"stage": t.zero_stage}
+    if t.offload_optimizer:
+        block["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+    if t.offload_params:
+        block["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return block
 
 
 def _client_optimizer(recipe: Recipe, params):

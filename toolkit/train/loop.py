@@ -49,8 +49,11 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     torch.manual_seed(recipe.seed)
     pipe = load_pipeline(recipe.model.base, revision=recipe.model.revision)
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    # Frozen parts only run forward: half precision on GPU halves their memory (no master copy needed).
+    frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(recipe.train.precision) if device.type == "cuda" else None
     for frozen in (pipe.vae, pipe.text_encoder):
-        frozen.requires_grad_(False).eval()
+        frozen.requires_grad_(False).eval().to(device, dtype=frozen_dtype)
     parts = FrozenParts(
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
@@ -144,6 +147,8 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
         from lftk.train.lora import add_lora
 
         add_lora(unet, recipe.train.lora)
+    if recipe.train.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
     unet.train()
     engine, _ = setup_engine(unet, recipe)
     step = 0

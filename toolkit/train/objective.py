@@ -29,17 +29,17 @@ class FrozenParts:
 
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids)[0]
+        return self.text_encoder(input_ids)[0].float()
 
     @torch.no_grad()
     def encode_future(self, pixels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        dist = self.vae.encode(pixels).latent_dist
-        return (dist.mean + dist.std * eps.to(dist.mean)) * self.scaling_factor
+        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        return (dist.mean.float() + dist.std.float() * eps.to(dist.mean.device)) * self.scaling_factor
 
     @torch.no_grad()
     def encode_current(self, pixels: torch.Tensor) -> torch.Tensor:
         # IP2P conditions on the unscaled mode of the image posterior (as its pipeline does at inference).
-        return self.vae.encode(pixels).latent_dist.mode()
+        return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode().float()
 
 
 @dataclass
