@@ -11,6 +11,16 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a CLI subprocess: without the torch.distributed variables that an
+    in-process training test leaves behind (its port stays bound while pytest lives)."""
+    env = {k: v for k, v in os.environ.items() if k not in DIST_VARS}
+    return {**env, **extra}
+
+
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory) -> Path:
     """A saved tiny InstructPix2Pix pipeline (random weights, real CLIP tokenizer)."""

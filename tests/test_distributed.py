@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from conftest import subprocess_env
 from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
@@ -20,7 +20,7 @@ def _train(run: Path, pairs: Path, base: Path, *extra: str) -> None:
         f"model.base={base}", "max_steps=3", "train.lr=2e-3", "train.warmup_steps=0", "train.zero_stage=2",
         "train.conditioning_dropout=0.3", *extra,
     ]
-    res = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    res = subprocess.run(cmd, cwd=REPO, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
 
 

@@ -102,3 +102,27 @@ def test_lora_run_saves_merged_model_and_loadable_adapters(tmp_path, monkeypatch
     assert (merged_out - plain).abs().max() > 1e-4, "the adapters learned nothing"
     # Stock diffusers loading of the adapters (alpha/r scaling from the saved metadata) equals the merge.
     assert torch.allclose(adapted, merged_out, atol=1e-4)
+
+
+def test_latent_cache_trains_the_same_model_and_is_reused(tmp_path, monkeypatch, tiny_pairs_dir, tiny_pipeline_dir):
+    import torch
+    from safetensors.torch import load_file
+
+    cache = tmp_path / "latents"
+    common = (f"data.path={tiny_pairs_dir}", f"model.base={tiny_pipeline_dir}", "max_steps=2", "train.batch_size=2",
+              "train.warmup_steps=0", "train.lr=1e-3", "train.conditioning_dropout=0.3")
+    assert _train(monkeypatch, f"output_dir={tmp_path / 'plain'}", *common, "train.cache_latents=false") in (0, None)
+    assert not cache.exists()
+    assert _train(monkeypatch, f"output_dir={tmp_path / 'cached'}", *common, f"data.latent_cache={cache}") in (0, None)
+    built = sorted(cache.glob("vae-*-64px/train/*.npy"))
+    assert [p.name for p in built] == ["cur_mode.npy", "fut_mean.npy", "fut_std.npy"]
+    stamp = built[0].stat().st_mtime_ns
+    assert _train(monkeypatch, f"output_dir={tmp_path / 'again'}", *common, f"data.latent_cache={cache}") in (0, None)
+    assert built[0].stat().st_mtime_ns == stamp, "a valid cache must be reused, not rebuilt"
+    name = "final/unet/diffusion_pytorch_model.safetensors"
+    plain, cached = load_file(tmp_path / "plain" / name), load_file(tmp_path / "cached" / name)
+    base = load_file(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    moved = max((plain[k] - base[k]).abs().max().item() for k in base)
+    diff = max((plain[k] - cached[k]).abs().max().item() for k in base)
+    assert moved > 1e-4 and diff < 0.05 * moved, (moved, diff)
+    assert torch.equal(load_file(tmp_path / "cached" / name)["conv_in.weight"], load_file(tmp_path / "again" / name)["conv_in.weight"])

@@ -31,6 +31,9 @@ class DataConfig(Strict):
         "{instruction}", description="How an instruction becomes the prompt; must contain {instruction}."
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
+    latent_cache: Optional[str] = Field(
+        None, description="Where cached VAE latents live (default: <path>/.latents); keyed by VAE hash and resolution."
+    )
 
     @field_validator("prompt_template")
     @classmethod
@@ -75,6 +78,7 @@ class TrainConfig(Strict):
     )
     offload_optimizer: bool = Field(False, description="Optimizer state in CPU RAM (ZeRO >= 1): less GPU memory, slower.")
     offload_params: bool = Field(False, description="Weights in CPU RAM (ZeRO-3 only): the last resort for small cards.")
+    cache_latents: bool = Field(True, description="Encode every frame with the frozen VAE once, not every step.")
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward: ~8x less activation memory, ~30% slower.")
     epochs: Optional[int] = Field(None, ge=1, description="Used when max_steps is null.")
     conditioning_dropout: float = Field(

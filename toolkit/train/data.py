@@ -17,11 +17,14 @@ from lftk.data.pairset import Pair, format_prompt
 
 
 class PairDataset(Dataset):
-    def __init__(self, items: Sequence[Pair], resolution: int, tokenizer, template: str):
+    """Pixels of (current, future) and the prompt's token ids; or, with `latents`, their cached VAE latents."""
+
+    def __init__(self, items: Sequence[Pair], resolution: int, tokenizer, template: str, latents=None):
         self.items = list(items)
         self.resolution = resolution
         self.tokenizer = tokenizer
         self.template = template
+        self.latents = latents  # lftk.train.latent_cache.LatentArrays, row i = item i
 
     def __len__(self) -> int:
         return len(self.items)
@@ -40,12 +43,10 @@ class PairDataset(Dataset):
         # (key, index): key is the sample's global position in the data stream (seeds its noise).
         key, i = key_index if isinstance(key_index, tuple) else (key_index, key_index)
         item = self.items[i]
-        return {
-            "key": key,
-            "current": self._pixels(item.current),
-            "future": self._pixels(item.future),
-            "input_ids": self.tokenize(format_prompt(self.template, item.instruction)),
-        }
+        row = {"key": key, "input_ids": self.tokenize(format_prompt(self.template, item.instruction))}
+        if self.latents is not None:
+            return {**row, **self.latents.row(i)}
+        return {**row, "current": self._pixels(item.current), "future": self._pixels(item.future)}
 
 
 class StepSampler(Sampler[tuple[int, int]]):

@@ -53,7 +53,9 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
     # Frozen parts only run forward: half precision on GPU halves their memory (no master copy needed).
     frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(recipe.train.precision) if device.type == "cuda" else None
     for frozen in (pipe.vae, pipe.text_encoder):
-        frozen.requires_grad_(False).eval().to(device, dtype=frozen_dtype)
+        frozen.requires_grad_(False).eval().to(device)
+        if frozen_dtype is not None:
+            frozen.to(dtype=frozen_dtype)
     parts = FrozenParts(
         vae=pipe.vae,
         text_encoder=pipe.text_encoder,
@@ -67,6 +69,10 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
     train_set = PairDataset(PairSet(d.path, d.train_split), res, pipe.tokenizer, d.prompt_template)
     val_items = PairSet(d.path, d.val_split) if (Path(d.path) / d.val_split).is_dir() else []
     val_set = PairDataset(val_items, res, pipe.tokenizer, d.prompt_template) if val_items else None
+    if recipe.train.cache_latents:
+        for split, dataset in ((d.train_split, train_set), (d.val_split, val_set)):
+            if dataset is not None:
+                dataset.latents = _latents(recipe, pipe.vae, split, dataset, rank)
     global_batch = recipe.train.batch_size * world
     if len(train_set) < global_batch:
         raise LftkError(
@@ -77,6 +83,18 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
     if rank == 0:
         run.create(recipe, resume)
     return Setup(recipe, run, pipe, parts, train_set, val_set, rank, world)
+
+
+def _latents(recipe: Recipe, vae, split: str, dataset: PairDataset, rank: int):
+    from lftk.train import latent_cache
+
+    root = Path(recipe.data.latent_cache or Path(recipe.data.path) / ".latents")
+    path = latent_cache.cache_dir(root, vae, recipe.train.resolution, split)
+    if rank == 0:
+        latent_cache.build(dataset._pixels, dataset.items, vae, path)
+    else:
+        latent_cache.wait_for(path, [p.name for p in dataset.items])
+    return latent_cache.LatentArrays(path)
 
 
 def total_steps(s: Setup) -> int:

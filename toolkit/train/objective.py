@@ -71,19 +71,26 @@ def ip2p_loss(unet, parts: FrozenParts, batch: dict, dropout: float, seed: int) 
     """Diffusion (epsilon-prediction MSE) loss for one batch of (current, future, input_ids, key)."""
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
-    current = batch["current"].to(device)
-    future = batch["future"].to(device)
-    bsz = future.shape[0]
-    latent_shape = (LATENT_CHANNELS, *(s // parts.vae_scale for s in future.shape[-2:]))
+    cached = "fut_mean" in batch  # latents precomputed by lftk.train.latent_cache
+    if cached:
+        bsz, latent_shape = batch["fut_mean"].shape[0], tuple(batch["fut_mean"].shape[1:])
+    else:
+        bsz = batch["future"].shape[0]
+        latent_shape = (LATENT_CHANNELS, *(s // parts.vae_scale for s in batch["future"].shape[-2:]))
     draws = SampleNoise.draw(seed, batch["key"], latent_shape, parts.noise_scheduler.config.num_train_timesteps)
 
-    latents = parts.encode_future(future, draws.posterior.to(device))  # (B, 4, h, w)
+    if cached:
+        eps = draws.posterior.to(device)
+        latents = (batch["fut_mean"].to(device) + batch["fut_std"].to(device) * eps) * parts.scaling_factor
+        image = batch["cur_mode"].to(device)
+    else:
+        latents = parts.encode_future(batch["future"].to(device), draws.posterior.to(device))  # (B, 4, h, w)
+        image = parts.encode_current(batch["current"].to(device))  # (B, 4, h, w)
     noise = draws.noise.to(device)
     steps = draws.timesteps.to(device)
     noisy = parts.noise_scheduler.add_noise(latents, noise, steps)
 
     text = parts.encode_text(batch["input_ids"].to(device))  # (B, 77, D)
-    image = parts.encode_current(current)  # (B, 4, h, w)
     if dropout > 0:
         # One uniform draw per sample: [0, d) drops text only, [d, 2d) both, [2d, 3d) image only.
         u = draws.u.to(device)
