@@ -126,3 +126,35 @@ def test_latent_cache_trains_the_same_model_and_is_reused(tmp_path, monkeypatch,
     diff = max((plain[k] - cached[k]).abs().max().item() for k in base)
     assert moved > 1e-4 and diff < 0.05 * moved, (moved, diff)
     assert torch.equal(load_file(tmp_path / "cached" / name)["conv_in.weight"], load_file(tmp_path / "again" / name)["conv_in.weight"])
+
+
+def test_progressive_resolution_and_cosine_schedule(tmp_path, monkeypatch, tiny_pairs_dir, tiny_pipeline_dir):
+    run, cache = tmp_path / "prog", tmp_path / "latents"
+    code = _train(
+        monkeypatch, f"output_dir={run}", f"data.path={tiny_pairs_dir}", f"model.base={tiny_pipeline_dir}",
+        "max_steps=4", "train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "train.lr_schedule=cosine",
+        "train.resolution_schedule=[{until: 0.5, resolution: 32}]", f"data.latent_cache={cache}", "train.val_every=1",
+    )
+    assert code in (0, None)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert [r["resolution"] for r in steps] == [32, 32, 64, 64]
+    lrs = [r["lr"] for r in steps]  # lr after each step: warm-up to peak, then cosine down to 0
+    assert lrs[0] == pytest.approx(5e-4) and lrs[1] == pytest.approx(5e-4 * 0.5 * (1 + math.cos(math.pi / 3)))
+    assert lrs[-1] == pytest.approx(0.0)
+    assert lrs == sorted(lrs, reverse=True)
+    assert len([r for r in rows if "val_loss" in r]) == 4
+    assert {p.name.split("-")[-1] for p in cache.iterdir()} == {"32px", "64px"}
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys, tiny_pairs_dir, tiny_pipeline_dir):
+    run = tmp_path / "nan"
+    code = _train(
+        monkeypatch, f"output_dir={run}", f"data.path={tiny_pairs_dir}", f"model.base={tiny_pipeline_dir}",
+        "max_steps=6", "train.batch_size=2", "train.lr=1e30", "train.max_grad_norm=0", "train.warmup_steps=0",
+        "train.checkpoint_every=1",
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "loss is" in err and "last good checkpoint" in err
+    assert (run / "checkpoints" / "latest").is_file() and not (run / "final").exists()

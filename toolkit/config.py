@@ -58,6 +58,11 @@ class LoraConfig(Strict):
     )
 
 
+class ResolutionStage(Strict):
+    until: float = Field(gt=0, lt=1, description="This stage lasts until this fraction of the total steps.")
+    resolution: int = Field(ge=16, description="Training image side during the stage.")
+
+
 class TrainConfig(Strict):
     batch_size: int = Field(8, ge=1, description="Per-GPU micro batch.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
@@ -68,8 +73,12 @@ class TrainConfig(Strict):
     )
     min_8bit_size: int = Field(4096, ge=1, description="8-bit optimizers keep 32-bit state for tensors smaller than this.")
     warmup_steps: int = Field(0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field("constant", description="After warm-up: flat, or cosine to 0.")
     max_grad_norm: float = Field(1.0, ge=0, description="Gradient clipping; 0 disables it.")
     resolution: int = Field(128, ge=16, description="Training image side in pixels (multiple of 8).")
+    resolution_schedule: list[ResolutionStage] = Field(
+        default_factory=list, description="Progressive resolution: earlier, smaller stages before `resolution`."
+    )
     trainable: Literal["full", "lora"] = Field("lora", description="Train the whole UNet or LoRA adapters.")
     lora: LoraConfig = Field(default_factory=LoraConfig)
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="Mixed precision of the engine.")
@@ -85,6 +94,7 @@ class TrainConfig(Strict):
         0.05, ge=0, lt=1, description="Probability of dropping text and image conditions (each) for CFG."
     )
     log_every: int = Field(10, ge=1)
+    val_every: Optional[int] = Field(None, ge=1, description="Steps between validation losses; null = at checkpoints.")
     checkpoint_every: Optional[int] = Field(None, ge=1, description="Steps between checkpoints; null = end only.")
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
 
@@ -94,6 +104,22 @@ class TrainConfig(Strict):
         if v % 8:
             raise ValueError("must be a multiple of 8 (the VAE downsamples by 8)")
         return v
+
+    @field_validator("resolution_schedule")
+    @classmethod
+    def _stages_ordered(cls, v: list) -> list:
+        ends = [stage.until for stage in v]
+        if ends != sorted(set(ends)):
+            raise ValueError("stages must have increasing `until` fractions")
+        if any(stage.resolution % 8 for stage in v):
+            raise ValueError("every stage resolution must be a multiple of 8")
+        return v
+
+    def resolution_at(self, step: int, total: int) -> int:
+        for stage in self.resolution_schedule:
+            if step < stage.until * total:
+                return stage.resolution
+        return self.resolution
 
 
 class Recipe(Strict):

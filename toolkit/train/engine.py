@@ -8,6 +8,7 @@ back to MPI discovery (stack.md), so `ensure_dist_env` sets them when no launche
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 
@@ -83,16 +84,22 @@ def _client_optimizer(recipe: Recipe, params):
     return cls(params, lr=t.lr, weight_decay=t.weight_decay, min_8bit_size=t.min_8bit_size)
 
 
-def _lr_lambda(recipe: Recipe):
-    warm = recipe.train.warmup_steps
+def lr_factor(recipe: Recipe, total_steps: int):
+    """Linear warm-up, then constant or cosine to zero at `total_steps`."""
+    warm, cosine = recipe.train.warmup_steps, recipe.train.lr_schedule == "cosine"
 
     def factor(step: int) -> float:
-        return min(1.0, (step + 1) / warm) if warm else 1.0
+        if warm and step < warm:
+            return (step + 1) / warm
+        if not cosine:
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
 
 
-def setup_engine(model: torch.nn.Module, recipe: Recipe):
+def setup_engine(model: torch.nn.Module, recipe: Recipe, total_steps: int):
     """deepspeed.initialize over the trainable model; returns (engine, lr_scheduler)."""
     try:
         import deepspeed
@@ -109,7 +116,7 @@ def setup_engine(model: torch.nn.Module, recipe: Recipe):
         model_parameters=params,
         optimizer=optimizer,
         config=cfg,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(recipe)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(recipe, total_steps)),
     )
     log.info(
         "DeepSpeed engine: ZeRO-%d, %s, %d rank(s), %s, %.2f M trainable params",

@@ -10,7 +10,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,8 +20,8 @@ from lftk.config import Recipe
 from lftk.errors import LftkError
 from lftk.model.base import load_pipeline, read_meta, write_meta
 from lftk.model.components import vae_scale_factor
-from lftk.progress import progress_bar
 from lftk.data.pairset import PairSet
+from lftk.progress import progress_bar
 from lftk.train import checkpoint
 from lftk.train.data import PairDataset, make_loader
 from lftk.train.engine import setup_engine
@@ -37,10 +37,24 @@ class Setup:
     run: RunDir
     pipe: object
     parts: FrozenParts
-    train_set: PairDataset
-    val_set: PairDataset | None
+    train_pairs: PairSet
+    val_pairs: PairSet | None
     rank: int
     world: int
+    _datasets: dict = field(default_factory=dict)
+
+    def datasets(self, resolution: int) -> tuple[PairDataset, PairDataset | None]:
+        """(train, val) datasets at a resolution, with their latent caches; built once per resolution."""
+        if resolution not in self._datasets:
+            d = self.recipe.data
+            made = []
+            for split, pairs in ((d.train_split, self.train_pairs), (d.val_split, self.val_pairs)):
+                ds = PairDataset(pairs, resolution, self.pipe.tokenizer, d.prompt_template) if pairs else None
+                if ds is not None and self.recipe.train.cache_latents:
+                    ds.latents = _latents(self, split, ds)
+                made.append(ds)
+            self._datasets[resolution] = tuple(made)
+        return self._datasets[resolution]
 
 
 def setup(recipe: Recipe, resume: bool) -> Setup:
@@ -48,6 +62,15 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     torch.manual_seed(recipe.seed)
+    d = recipe.data
+    train_pairs = PairSet(d.path, d.train_split)
+    val_pairs = PairSet(d.path, d.val_split) if (Path(d.path) / d.val_split).is_dir() else None
+    global_batch = recipe.train.batch_size * world
+    if len(train_pairs) < global_batch:
+        raise LftkError(
+            f"{d.path}/{d.train_split}: {len(train_pairs)} training pairs, fewer than one batch of {global_batch} "
+            "(lower train.batch_size or make more pairs)"
+        )
     pipe = load_pipeline(recipe.model.base, revision=recipe.model.revision)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     # Frozen parts only run forward: half precision on GPU halves their memory (no master copy needed).
@@ -64,34 +87,19 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
         scaling_factor=float(pipe.vae.config.scaling_factor),
         vae_scale=vae_scale_factor(pipe.vae),
     )
-    d = recipe.data
-    res = recipe.train.resolution
-    train_set = PairDataset(PairSet(d.path, d.train_split), res, pipe.tokenizer, d.prompt_template)
-    val_items = PairSet(d.path, d.val_split) if (Path(d.path) / d.val_split).is_dir() else []
-    val_set = PairDataset(val_items, res, pipe.tokenizer, d.prompt_template) if val_items else None
-    if recipe.train.cache_latents:
-        for split, dataset in ((d.train_split, train_set), (d.val_split, val_set)):
-            if dataset is not None:
-                dataset.latents = _latents(recipe, pipe.vae, split, dataset, rank)
-    global_batch = recipe.train.batch_size * world
-    if len(train_set) < global_batch:
-        raise LftkError(
-            f"{d.path}/{d.train_split}: {len(train_set)} training pairs, fewer than one batch of {global_batch} "
-            "(lower train.batch_size or make more pairs)"
-        )
     run = RunDir(recipe.output_dir)  # created only once the inputs are known to be good
     if rank == 0:
         run.create(recipe, resume)
-    return Setup(recipe, run, pipe, parts, train_set, val_set, rank, world)
+    return Setup(recipe, run, pipe, parts, train_pairs, val_pairs or None, rank, world)
 
 
-def _latents(recipe: Recipe, vae, split: str, dataset: PairDataset, rank: int):
+def _latents(s: Setup, split: str, dataset: PairDataset):
     from lftk.train import latent_cache
 
-    root = Path(recipe.data.latent_cache or Path(recipe.data.path) / ".latents")
-    path = latent_cache.cache_dir(root, vae, recipe.train.resolution, split)
-    if rank == 0:
-        latent_cache.build(dataset._pixels, dataset.items, vae, path)
+    root = Path(s.recipe.data.latent_cache or Path(s.recipe.data.path) / ".latents")
+    path = latent_cache.cache_dir(root, s.pipe.vae, dataset.resolution, split)
+    if s.rank == 0:
+        latent_cache.build(dataset._pixels, dataset.items, s.pipe.vae, path)
     else:
         latent_cache.wait_for(path, [p.name for p in dataset.items])
     return latent_cache.LatentArrays(path)
@@ -102,19 +110,19 @@ def total_steps(s: Setup) -> int:
     if r.max_steps is not None:
         return r.max_steps
     global_batch = r.train.batch_size * r.train.grad_accum * s.world
-    return max(1, len(s.train_set) // global_batch) * (r.train.epochs or 1)
+    return max(1, len(s.train_pairs) // global_batch) * (r.train.epochs or 1)
 
 
 @torch.no_grad()
-def val_loss(unet, s: Setup, max_batches: int = 8) -> float | None:
+def val_loss(unet, s: Setup, val_set: PairDataset | None, max_batches: int = 8) -> float | None:
     """Diffusion loss on the val split with fixed noise, so the figure is comparable across steps."""
-    if s.val_set is None:
+    if val_set is None:
         return None
     unet.eval()
     bs = s.recipe.train.batch_size
     losses = []
-    for start in range(0, min(len(s.val_set), bs * max_batches), bs):
-        batch = default_collate([s.val_set[i] for i in range(start, min(start + bs, len(s.val_set)))])
+    for start in range(0, min(len(val_set), bs * max_batches), bs):
+        batch = default_collate([val_set[i] for i in range(start, min(start + bs, len(val_set)))])
         losses.append(ip2p_loss(unet, s.parts, batch, 0.0, s.recipe.seed + 1).item())
     unet.train()
     return sum(losses) / len(losses)
@@ -158,33 +166,46 @@ def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
     replace_dir(tmp, s.run.final)
 
 
+def _micro_batches(s: Setup, step: int, steps: int):
+    """Endless micro batches from `step` on; a new loader whenever the resolution stage changes."""
+    t = s.recipe.train
+    while True:
+        res = t.resolution_at(step, steps)
+        train_set, _ = s.datasets(res)
+        loader = make_loader(train_set, t.batch_size, t.grad_accum, s.rank, s.world, s.recipe.seed, step * t.grad_accum, s.recipe.data.num_workers)
+        log.info("training at %d px from step %d", res, step)
+        for i, batch in enumerate(loader):
+            yield batch
+            if (i + 1) % t.grad_accum == 0:
+                step += 1
+                if step >= steps or t.resolution_at(step, steps) != res:
+                    break
+        if step >= steps:
+            return
+
+
 def train(recipe: Recipe, resume: bool = False) -> RunDir:
     s = setup(recipe, resume)
+    t = recipe.train
     unet = s.pipe.unet
-    if recipe.train.trainable == "lora":
+    if t.trainable == "lora":
         from lftk.train.lora import add_lora
 
-        add_lora(unet, recipe.train.lora)
-    if recipe.train.gradient_checkpointing:
+        add_lora(unet, t.lora)
+    if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    engine, _ = setup_engine(unet, recipe)
-    step = 0
-    if resume:
-        step = checkpoint.load(engine, s.run.checkpoints)
-        if s.rank == 0:
-            s.run.truncate_metrics(step)
     steps = total_steps(s)
-    accum = recipe.train.grad_accum
-    loader = make_loader(
-        s.train_set, recipe.train.batch_size, accum, s.rank, s.world, recipe.seed, step * accum, recipe.data.num_workers
-    )
+    engine, _ = setup_engine(unet, recipe, steps)
+    step = checkpoint.load(engine, s.run.checkpoints) if resume else 0
+    if resume and s.rank == 0:
+        s.run.truncate_metrics(step)
     t0, last = time.perf_counter(), float("nan")
-    micro = iter(loader)
+    micro = _micro_batches(s, step, steps)
     with progress_bar("train", total=steps, completed=step, enabled=s.rank == 0) as advance:
         while step < steps:
-            for _ in range(accum):
-                loss = ip2p_loss(engine, s.parts, next(micro), recipe.train.conditioning_dropout, recipe.seed)
+            for _ in range(t.grad_accum):
+                loss = ip2p_loss(engine, s.parts, next(micro), t.conditioning_dropout, recipe.seed)
                 if not math.isfinite(loss.item()):
                     raise LftkError(f"loss is {loss.item()} at step {step}: stopping; the last good checkpoint is kept")
                 engine.backward(loss)
@@ -192,14 +213,16 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
             step += 1
             last = loss.item()
             advance(1)
-            if s.rank == 0 and (step % recipe.train.log_every == 0 or step == steps):
-                s.run.log_metrics({"step": step, "loss": last, "lr": engine.get_lr()[0], "elapsed_s": round(time.perf_counter() - t0, 2)})
-            every = recipe.train.checkpoint_every
-            if (every and step % every == 0) or step == steps:
-                vl = val_loss(engine.module, s)
+            if s.rank == 0 and (step % t.log_every == 0 or step == steps):
+                s.run.log_metrics({"step": step, "loss": last, "lr": engine.get_lr()[0],
+                                   "resolution": t.resolution_at(step - 1, steps), "elapsed_s": round(time.perf_counter() - t0, 2)})
+            at_checkpoint = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == steps
+            if (t.val_every and step % t.val_every == 0) or at_checkpoint:
+                vl = val_loss(engine.module, s, s.datasets(t.resolution_at(step - 1, steps))[1])
                 if s.rank == 0 and vl is not None:
                     s.run.log_metrics({"step": step, "val_loss": vl})
-                checkpoint.save(engine, s.run.checkpoints, step, s.rank, recipe.train.keep_checkpoints)
+            if at_checkpoint:
+                checkpoint.save(engine, s.run.checkpoints, step, s.rank, t.keep_checkpoints)
     _save_final(engine, s, step, last)
     if s.rank == 0:
         s.run.plot_loss()
