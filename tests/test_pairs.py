@@ -238,8 +238,9 @@ def test_pairset_lists_a_split_and_names_what_is_missing(episodes_root, tmp_path
     assert sum(test.task_counts().values()) == len(test)
     with pytest.raises(LftkError, match="no split 'dev'.*train"):
         PairSet(out, "dev")
-    (test[0].current.parent / "prompt.json").unlink()
-    with pytest.raises(LftkError, match=test[0].name):
+    first = test[0]
+    (first.current.parent / "prompt.json").unlink()
+    with pytest.raises(LftkError, match=first.name):
         PairSet(out, "test")
 
 

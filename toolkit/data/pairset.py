@@ -7,9 +7,12 @@ start-up, naming its dir, rather than hours into a run.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, overload
+
+import numpy as np
 
 from lftk.data.pairs import CURRENT_NAME, FUTURE_NAME, PAIRS_SUMMARY, PROMPT_NAME
 from lftk.errors import LftkError
@@ -73,38 +76,75 @@ def _read_pair(sample: Path) -> Pair:
 
 
 class PairSet(Sequence[Pair]):
-    """The samples of `root/<split>`, sorted by name. A split dir that exists but is empty gives 0 samples."""
+    """The samples of `root/<split>`, sorted by name. A split dir that exists but is empty gives 0 samples.
+
+    Every sample is validated at start-up, but only compact columns are kept (names as one bytes
+    array, instructions and tasks as indices into small tables): numpy arrays are shared by
+    DataLoader workers page for page, where a list of Python objects is copied into each worker
+    as it is touched (refcounts), so memory stays flat with the dataset size. `pairs[i]` re-reads
+    that sample's prompt.json for the full dict; training uses the column accessors instead.
+    """
 
     def __init__(self, root: Path | str, split: str):
         self.root = Path(root)
         self.split = split
-        split_dir = self.root / split
+        self.split_dir = self.root / split
         if not self.root.is_dir():
             raise LftkError(f"{self.root}: pair dir not found")
-        if not split_dir.is_dir():
+        if not self.split_dir.is_dir():
             have = ", ".join(split_names(self.root)) or "none"
-            raise LftkError(f"{split_dir}: no split '{split}' in {self.root} (splits found: {have})")
-        dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
-        self.pairs: list[Pair] = [_read_pair(d) for d in dirs]
+            raise LftkError(f"{self.split_dir}: no split '{split}' in {self.root} (splits found: {have})")
+        names, instr, tasks = [], [], []
+        instructions: dict[str, int] = {}
+        task_table: dict[str, int] = {}
+        for entry in sorted(os.scandir(self.split_dir), key=lambda e: e.name):
+            if not entry.is_dir() or entry.name.startswith("."):
+                continue
+            pair = _read_pair(Path(entry.path))
+            names.append(pair.name.encode())
+            instr.append(instructions.setdefault(pair.instruction, len(instructions)))
+            tasks.append(task_table.setdefault(pair.task, len(task_table)))
+        self._names = np.array(names, dtype=bytes) if names else np.zeros(0, dtype="S1")
+        self._instr = np.array(instr, dtype=np.int32)
+        self._task = np.array(tasks, dtype=np.int32)
+        self._instructions = list(instructions)
+        self._tasks = list(task_table)
 
     def __len__(self) -> int:
-        return len(self.pairs)
+        return len(self._names)
+
+    def name(self, i: int) -> str:
+        return self._names[i].decode()
+
+    def current(self, i: int) -> Path:
+        return self.split_dir / self.name(i) / CURRENT_NAME
+
+    def future(self, i: int) -> Path:
+        return self.split_dir / self.name(i) / FUTURE_NAME
+
+    def instruction(self, i: int) -> str:
+        return self._instructions[self._instr[i]]
+
+    def names(self) -> list[str]:
+        return [n.decode() for n in self._names]
 
     @overload
     def __getitem__(self, i: int) -> Pair: ...
     @overload
     def __getitem__(self, i: slice) -> list[Pair]: ...
     def __getitem__(self, i):
-        return self.pairs[i]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        return _read_pair(self.split_dir / self.name(i))
 
     def __iter__(self) -> Iterator[Pair]:
-        return iter(self.pairs)
+        return (self[i] for i in range(len(self)))
 
     def task_counts(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for p in self.pairs:
-            counts[p.task] = counts.get(p.task, 0) + 1
-        return dict(sorted(counts.items()))
+        counts = np.bincount(self._task, minlength=len(self._tasks))
+        return dict(sorted((t, int(c)) for t, c in zip(self._tasks, counts)))
 
     def __repr__(self) -> str:
         return f"PairSet({str(self.root)!r}, {self.split!r}: {len(self)} samples)"

@@ -6,21 +6,21 @@ in the data is a pure function of the optimizer step: resuming needs only the st
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lftk.data.images import load_rgb
-from lftk.data.pairset import Pair, format_prompt
+from lftk.data.pairset import PairSet, format_prompt
 
 
 class PairDataset(Dataset):
     """Pixels of (current, future) and the prompt's token ids; or, with `latents`, their cached VAE latents."""
 
-    def __init__(self, items: Sequence[Pair], resolution: int, tokenizer, template: str, latents=None):
-        self.items = list(items)
+    def __init__(self, items: PairSet, resolution: int, tokenizer, template: str, latents=None):
+        self.items = items  # kept as is: its columns are shared with DataLoader workers, not copied
         self.resolution = resolution
         self.tokenizer = tokenizer
         self.template = template
@@ -42,11 +42,11 @@ class PairDataset(Dataset):
     def __getitem__(self, key_index: tuple[int, int] | int) -> dict:
         # (key, index): key is the sample's global position in the data stream (seeds its noise).
         key, i = key_index if isinstance(key_index, tuple) else (key_index, key_index)
-        item = self.items[i]
-        row = {"key": key, "input_ids": self.tokenize(format_prompt(self.template, item.instruction))}
+        items = self.items
+        row = {"key": key, "input_ids": self.tokenize(format_prompt(self.template, items.instruction(i)))}
         if self.latents is not None:
             return {**row, **self.latents.row(i)}
-        return {**row, "current": self._pixels(item.current), "future": self._pixels(item.future)}
+        return {**row, "current": self._pixels(items.current(i)), "future": self._pixels(items.future(i))}
 
 
 class StepSampler(Sampler[tuple[int, int]]):
@@ -63,9 +63,11 @@ class StepSampler(Sampler[tuple[int, int]]):
     def __iter__(self) -> Iterator[tuple[int, int]]:
         per_rank = self.global_batch // self.world
         batch = self.start_batch
+        order_epoch, order = -1, None
         while True:
             epoch, within = divmod(batch, self.batches_per_epoch)
-            order = np.random.default_rng([self.seed, epoch]).permutation(self.n)
+            if epoch != order_epoch:  # one permutation per epoch, not per batch
+                order_epoch, order = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
             chunk = order[within * self.global_batch : (within + 1) * self.global_batch]
             first = batch * self.global_batch + self.rank * per_rank
             mine = chunk[self.rank * per_rank : (self.rank + 1) * per_rank].tolist()

@@ -15,12 +15,10 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Sequence
-
 import numpy as np
 import torch
 
-from lftk.data.pairset import Pair
+from lftk.data.pairset import PairSet
 from lftk.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -48,9 +46,9 @@ def _valid(path: Path, names: list[str]) -> bool:
 
 
 @torch.no_grad()
-def build(pixels_of, pairs: Sequence[Pair], vae, path: Path, batch_size: int = 32) -> Path:
+def build(pixels_of, pairs: PairSet, vae, path: Path, batch_size: int = 32) -> Path:
     """Encode every pair into `path` (atomically: a killed build leaves nothing that looks complete)."""
-    names = [p.name for p in pairs]
+    names = pairs.names()
     if _valid(path, names):
         return path
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
@@ -62,9 +60,9 @@ def build(pixels_of, pairs: Sequence[Pair], vae, path: Path, batch_size: int = 3
     device = next(vae.parameters()).device
     with progress_bar("cache latents", total=len(pairs)) as advance:
         for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            cur = torch.stack([pixels_of(p.current) for p in chunk]).to(device, dtype)
-            fut = torch.stack([pixels_of(p.future) for p in chunk]).to(device, dtype)
+            chunk = range(start, min(start + batch_size, len(pairs)))
+            cur = torch.stack([pixels_of(pairs.current(i)) for i in chunk]).to(device, dtype)
+            fut = torch.stack([pixels_of(pairs.future(i)) for i in chunk]).to(device, dtype)
             cur_dist, fut_dist = vae.encode(cur).latent_dist, vae.encode(fut).latent_dist
             out["cur_mode"].append(cur_dist.mode().float().cpu().numpy())
             out["fut_mean"].append(fut_dist.mean.float().cpu().numpy())

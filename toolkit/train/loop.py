@@ -101,7 +101,7 @@ def _latents(s: Setup, split: str, dataset: PairDataset):
     if s.rank == 0:
         latent_cache.build(dataset._pixels, dataset.items, s.pipe.vae, path)
     else:
-        latent_cache.wait_for(path, [p.name for p in dataset.items])
+        latent_cache.wait_for(path, dataset.items.names())
     return latent_cache.LatentArrays(path)
 
 
