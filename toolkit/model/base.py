@@ -55,7 +55,7 @@ def init_base(
     out: Path,
     preset: str = "tiny",
     frames: Sequence[Path] = (),
-    vae_steps: int = 600,
+    vae_steps: int = 400,
     vae_resolution: int = 64,
     seed: int = 0,
     bpe_path: Path | None = None,

@@ -33,9 +33,9 @@ def _load_stack(frames: Sequence[Path], resolution: int, limit: int, rng: np.ran
 def fit_vae(
     vae,
     frames: Sequence[Path],
-    steps: int = 600,
+    steps: int = 400,
     resolution: int = 64,
-    batch_size: int = 16,
+    batch_size: int = 8,
     lr: float = 2e-3,
     kl_weight: float = 1e-6,
     seed: int = 0,
