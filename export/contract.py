@@ -14,8 +14,10 @@ Conventions shared by every backend:
   before calling the VAE decoder; the decoder therefore also takes an unscaled latent.
 - The UNet timestep is float32 (B,): Euler-ancestral timesteps are fractional, and integer DDIM
   timesteps convert exactly (they are < 2**24).
-- Spatial sizes are fixed at export time (the manifest records the resolution); only the batch
-  axis is dynamic, so that the 3 CFG branches x several frames go through one UNet call.
+- The batch axis is always dynamic, so that the 3 CFG branches x several frames go through one
+  UNet call. Spatial sizes are fixed at export time (the manifest records the resolution) unless
+  the export asks for dynamic H/W (`--dynamic-shape`): then image sides are the symbols "H"/"W"
+  and latent sides "h"/"w", and a resolution profile (min/opt/max pixels) joins the batch profile.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ TEXT_SEQ_LEN = 77  # CLIP context length
 
 @dataclass(frozen=True)
 class BatchProfile:
-    """Batch sizes a built engine must accept: TensorRT optimises for `opt` within [min, max]."""
+    """Sizes a built engine must accept (batch, or pixels for a resolution profile): TensorRT
+    optimises for `opt` within [min, max]."""
 
     min: int
     opt: int
@@ -47,14 +50,23 @@ class BatchProfile:
         return {"min": self.min, "opt": self.opt, "max": self.max}
 
 
+# Symbolic axes: batch; image height/width (pixels); latent height/width. ONNX names them so.
+AXIS_NAMES = {"B": "batch", "H": "height", "W": "width", "h": "latent_height", "w": "latent_width"}
+
+
 @dataclass(frozen=True)
 class TensorSpec:
     name: str
     dtype: str  # numpy dtype name: "float32" | "int64"
-    shape: tuple  # ints, or "B" for the dynamic batch axis
+    shape: tuple  # ints, or a key of AXIS_NAMES for a dynamic axis
 
-    def concrete(self, batch: int) -> tuple[int, ...]:
-        return tuple(batch if d == "B" else d for d in self.shape)
+    def concrete(self, batch: int, sizes: dict[str, int] | None = None) -> tuple[int, ...]:
+        """The shape at `batch`, with spatial symbols ("H", "W", "h", "w") taken from `sizes`."""
+        sizes = {**(sizes or {}), "B": batch}
+        missing = [d for d in self.shape if isinstance(d, str) and d not in sizes]
+        if missing:
+            raise LftkError(f"{self.name}: no size given for dynamic axis {missing} of {list(self.shape)}")
+        return tuple(sizes[d] if isinstance(d, str) else d for d in self.shape)
 
     def as_dict(self) -> dict:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
@@ -68,9 +80,12 @@ class ModelDims:
     latent: int  # latent side
     text_dim: int  # CLIP hidden size = UNet cross-attention dim
     vocab_size: int
+    vae_scale: int = 8  # pixels per latent cell
+    multiple: int = 64  # image sides must be multiples of this (VAE x UNet downsampling)
+    dynamic_hw: bool = False  # H/W symbolic in the graphs, with a resolution profile
 
     @classmethod
-    def from_pipeline(cls, pipe, resolution: int) -> "ModelDims":
+    def from_pipeline(cls, pipe, resolution: int, dynamic_hw: bool = False) -> "ModelDims":
         vae_scale = vae_scale_factor(pipe.vae)
         # The UNet halves the latent once per down block but the last.
         unet_scale = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
@@ -88,7 +103,31 @@ class ModelDims:
             latent=resolution // vae_scale,
             text_dim=pipe.text_encoder.config.hidden_size,
             vocab_size=pipe.text_encoder.config.vocab_size,
+            vae_scale=vae_scale,
+            multiple=vae_scale * unet_scale,
+            dynamic_hw=dynamic_hw,
         )
+
+    def image_side(self) -> int | str:
+        return "H" if self.dynamic_hw else self.resolution
+
+    def latent_side(self) -> int | str:
+        return "h" if self.dynamic_hw else self.latent
+
+    def resolution_profile(self) -> BatchProfile:
+        """Pixels a dynamic-H/W engine accepts: half to twice the trained side (in steps of `multiple`)."""
+        r = self.resolution
+        if not self.dynamic_hw:
+            return BatchProfile(r, r, r)
+        low = max(self.multiple, (r // 2) // self.multiple * self.multiple)
+        return BatchProfile(low, r, 2 * r)
+
+    def sizes(self, resolution: int | None = None) -> dict[str, int]:
+        """Values of the spatial symbols at one square resolution (the trained one by default)."""
+        r = self.resolution if resolution is None else int(resolution)
+        if r % self.multiple:
+            raise LftkError(f"resolution {r} must be a multiple of {self.multiple} for this model")
+        return {"H": r, "W": r, "h": r // self.vae_scale, "w": r // self.vae_scale}
 
 
 class ComponentContract(abc.ABC):
@@ -129,24 +168,51 @@ class ComponentContract(abc.ABC):
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         axes = {}
         for spec in self.inputs() + self.outputs():
-            axes[spec.name] = {i: "batch" for i, d in enumerate(spec.shape) if d == "B"}
+            axes[spec.name] = {i: AXIS_NAMES[d] for i, d in enumerate(spec.shape) if isinstance(d, str)}
         return axes
 
-    def sample_inputs(self, batch: int | None = None, seed: int = 0) -> tuple[torch.Tensor, ...]:
-        """Seeded inputs of the right shape and range, batch `opt` unless given."""
+    def sample_inputs(
+        self, batch: int | None = None, seed: int = 0, resolution: int | None = None
+    ) -> tuple[torch.Tensor, ...]:
+        """Seeded inputs of the right shape and range, batch `opt` and the trained resolution unless given."""
         batch = batch or self.batch_profile.opt
+        sizes = self.dims.sizes(resolution)
         gen = torch.Generator().manual_seed(seed)
-        return tuple(self._sample(spec, spec.concrete(batch), gen) for spec in self.inputs())
+        return tuple(self._sample(spec, spec.concrete(batch, sizes), gen) for spec in self.inputs())
+
+    def profile_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+        """min/opt/max shape of every input: what a TensorRT optimization profile is built from."""
+        return profile_shapes(self.describe())
 
     def _sample(self, spec: TensorSpec, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
         return torch.randn(shape, generator=gen)
 
     def describe(self) -> dict:
+        """The interface as the manifest records it (and as `profile_shapes` reads it back)."""
         return {
             "inputs": [t.as_dict() for t in self.inputs()],
             "outputs": [t.as_dict() for t in self.outputs()],
             "batch_profile": self.batch_profile.as_dict(),
+            "resolution_profile": self.dims.resolution_profile().as_dict(),
+            "vae_scale": self.dims.vae_scale,
         }
+
+
+def profile_shapes(described: dict) -> dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]]:
+    """min/opt/max input shapes from a component record (`ComponentContract.describe()`, or the
+    manifest's copy of it): the batch profile for "B", the resolution profile for the spatial symbols."""
+    batch = described["batch_profile"]
+    res = described.get("resolution_profile") or {}
+    vae_scale = int(described.get("vae_scale", 1))
+    shapes = {}
+    for spec in described["inputs"]:
+        per_level = []
+        for level in ("min", "opt", "max"):
+            r = res.get(level)
+            sizes = {} if r is None else {"H": r, "W": r, "h": r // vae_scale, "w": r // vae_scale}
+            per_level.append(TensorSpec(spec["name"], spec["dtype"], tuple(spec["shape"])).concrete(batch[level], sizes))
+        shapes[spec["name"]] = tuple(per_level)
+    return shapes
 
 
 class _Eval(nn.Module):
@@ -202,12 +268,12 @@ class VaeEncoderContract(ComponentContract):
     batch_profile = BatchProfile(1, 1, MAX_FRAMES)
 
     def inputs(self):
-        r = self.dims.resolution
-        return [TensorSpec("image", "float32", ("B", 3, r, r))]
+        r = self.dims.image_side()
+        return [TensorSpec("image", "float32", ("B", 3, r, _w(r)))]
 
     def outputs(self):
-        h = self.dims.latent
-        return [TensorSpec("latent", "float32", ("B", LATENT_CHANNELS, h, h))]
+        h = self.dims.latent_side()
+        return [TensorSpec("latent", "float32", ("B", LATENT_CHANNELS, h, _w(h)))]
 
     def module(self, pipe):
         return _VaeEncoder(pipe.vae)
@@ -222,16 +288,16 @@ class UnetContract(ComponentContract):
     batch_profile = BatchProfile(CFG_BRANCHES, CFG_BRANCHES, CFG_BRANCHES * MAX_FRAMES)
 
     def inputs(self):
-        h = self.dims.latent
+        h = self.dims.latent_side()
         return [
-            TensorSpec("sample", "float32", ("B", IP2P_IN_CHANNELS, h, h)),
+            TensorSpec("sample", "float32", ("B", IP2P_IN_CHANNELS, h, _w(h))),
             TensorSpec("timestep", "float32", ("B",)),
             TensorSpec("encoder_hidden_states", "float32", ("B", TEXT_SEQ_LEN, self.dims.text_dim)),
         ]
 
     def outputs(self):
-        h = self.dims.latent
-        return [TensorSpec("noise_pred", "float32", ("B", LATENT_CHANNELS, h, h))]
+        h = self.dims.latent_side()
+        return [TensorSpec("noise_pred", "float32", ("B", LATENT_CHANNELS, h, _w(h)))]
 
     def module(self, pipe):
         return _Unet(pipe.unet)
@@ -248,12 +314,12 @@ class VaeDecoderContract(ComponentContract):
     parity_atol = 2e-3  # the decoder's output range is larger; measured ~1e-5 on the tiny model
 
     def inputs(self):
-        h = self.dims.latent
-        return [TensorSpec("latent", "float32", ("B", LATENT_CHANNELS, h, h))]
+        h = self.dims.latent_side()
+        return [TensorSpec("latent", "float32", ("B", LATENT_CHANNELS, h, _w(h)))]
 
     def outputs(self):
-        r = self.dims.resolution
-        return [TensorSpec("image", "float32", ("B", 3, r, r))]
+        r = self.dims.image_side()
+        return [TensorSpec("image", "float32", ("B", 3, r, _w(r)))]
 
     def module(self, pipe):
         return _VaeDecoder(pipe.vae)
@@ -268,7 +334,12 @@ CONTRACTS: tuple[type[ComponentContract], ...] = (
 COMPONENTS = tuple(c.name for c in CONTRACTS)
 
 
-def build_contracts(pipe, resolution: int) -> dict[str, ComponentContract]:
+def _w(side: int | str) -> int | str:
+    """The width that goes with a height: the same number, or the width symbol of a height symbol."""
+    return {"H": "W", "h": "w"}.get(side, side) if isinstance(side, str) else side
+
+
+def build_contracts(pipe, resolution: int, dynamic_hw: bool = False) -> dict[str, ComponentContract]:
     """The four contracts for a loaded pipeline at one resolution, in export order."""
-    dims = ModelDims.from_pipeline(pipe, resolution)
+    dims = ModelDims.from_pipeline(pipe, resolution, dynamic_hw)
     return {cls.name: cls(dims) for cls in CONTRACTS}

@@ -2,7 +2,13 @@
 
 A backend reads graphs only through `verify_manifest`, so a file changed after export (a partial
 copy, a hand edit, a foreign graph dropped in) is refused with the command that rebuilds it,
-never run. TensorRT engines will add precision, GPU arch and TensorRT version to the same record.
+never run. The manifest carries a digest of its own content, so an edited manifest is refused too.
+
+Layout beyond the fp32 graphs (`components.<name>.files`):
+    components.<name>.variants.<precision>   derived ONNX graphs (fp16, int8 Q/DQ): files, source hash
+    engines.<precision>                      TensorRT engines: TensorRT version, GPU compute capability,
+                                             and per component the engine file and the graph it came from
+`check_engines` refuses engines built for another GPU, another TensorRT or another graph.
 """
 
 from __future__ import annotations
@@ -59,11 +65,19 @@ def file_record(export_dir: Path, rel: str) -> dict:
     return {"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of the manifest's content (keys sorted, the digest itself left out)."""
+    body = {k: v for k, v in manifest.items() if k != "digest"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def write_manifest(export_dir: Path, manifest: dict) -> Path:
-    """Write manifest.json atomically (a half-written manifest would refuse a good export)."""
+    """Write manifest.json atomically (a half-written manifest would refuse a good export), with its digest."""
     path = Path(export_dir) / MANIFEST
+    body = {"format": FORMAT, **{k: v for k, v in manifest.items() if k not in ("format", "digest")}}
+    body["digest"] = manifest_digest(body)
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"format": FORMAT, **manifest}, indent=2))
+    tmp.write_text(json.dumps(body, indent=2))
     tmp.replace(path)
     return path
 
@@ -81,7 +95,27 @@ def read_manifest(export_dir: Path) -> dict:
             f"{path}: manifest format {manifest.get('format')!r}, this lftk reads {FORMAT!r}; "
             f"{rebuild_hint(export_dir, manifest)}"
         )
+    # Manifests written before the digest existed have none; any manifest that has one must match it.
+    if "digest" in manifest and manifest["digest"] != manifest_digest(manifest):
+        raise LftkError(
+            f"{path}: edited after export (its digest does not match its content); refusing the export; "
+            f"{rebuild_hint(export_dir, manifest)}"
+        )
     return manifest
+
+
+def export_flags(options: dict) -> str:
+    """The command-line flags of recorded export options (manifest `options`)."""
+    flags = []
+    if options.get("precision", "fp32") != "fp32":
+        flags.append(f"--precision {options['precision']}")
+    if options.get("dynamic_shape"):
+        flags.append("--dynamic-shape")
+    if options.get("calib"):
+        flags.append(f"--calib {options['calib']}")
+    if options.get("trt"):
+        flags.append("--trt")
+    return " ".join(flags)
 
 
 def rebuild_hint(export_dir: Path, manifest: dict) -> str:
@@ -91,22 +125,84 @@ def rebuild_hint(export_dir: Path, manifest: dict) -> str:
     # (whose manifest a failed re-export has already removed).
     if not source or not Path(source).exists() or Path(source).resolve() == Path(export_dir).resolve():
         source = str(Path(export_dir) / PIPELINE_DIR)
-    return f"rebuild with: lftk export {source} --onnx --out {export_dir}"
+    flags = export_flags(manifest.get("options", {}))
+    hint = f"rebuild with: lftk export {source} --onnx {flags + ' ' if flags else ''}--out {export_dir}"
+    for added in manifest.get("additions", []):  # precisions added later with --no-onnx
+        hint += f"; then lftk export {export_dir} --no-onnx {export_flags(added)} --out {export_dir}"
+    return hint
+
+
+def engine_hint(export_dir: Path, precision: str) -> str:
+    """The command that (re)builds the engines of one precision from the export's own graphs, on this machine."""
+    return f"rebuild with: lftk export {export_dir} --no-onnx --trt --precision {precision} --out {export_dir}"
+
+
+def file_records(manifest: dict):
+    """(what, record) for every file the manifest lists: fp32 graphs, variants, engines."""
+    for name, comp in manifest.get("components", {}).items():
+        for rec in comp.get("files", []):
+            yield f"{name} graph", rec
+        for precision, var in comp.get("variants", {}).items():
+            for rec in var.get("files", []):
+                yield f"{name} {precision} graph", rec
+    for precision, eng in manifest.get("engines", {}).items():
+        for name, rec in eng.get("components", {}).items():
+            for f in rec.get("files", []):
+                yield f"{name} {precision} engine", f
+
+
+def graph_sha256(records: list[dict]) -> str:
+    """Content hash of one graph: its file's sha256, or a hash over its files' (graph + external data)."""
+    if len(records) == 1:
+        return records[0]["sha256"]
+    return hashlib.sha256("\n".join(r["sha256"] for r in records).encode()).hexdigest()
+
+
+def component_files(manifest: dict, component: str, precision: str = "fp32") -> list[dict]:
+    """The ONNX file records a backend loads for `component` at `precision`: the variant when the
+    export has one, else the fp32 graph (an int8 export quantizes the UNet only)."""
+    comp = manifest["components"][component]
+    variant = comp.get("variants", {}).get(precision)
+    return variant["files"] if variant else comp["files"]
+
+
+def check_engines(export_dir: Path, manifest: dict, precision: str, tensorrt_version: str, compute_capability: str) -> dict:
+    """The engine record of `precision` if it was built for this TensorRT and GPU from the graphs the
+    manifest lists now; LftkError with the rebuild command otherwise. File hashes: `verify_manifest`."""
+    engines = manifest.get("engines", {}).get(precision)
+    hint = engine_hint(export_dir, precision)
+    if not engines:
+        built = ", ".join(manifest.get("engines", {})) or "none"
+        raise LftkError(f"{export_dir}: no TensorRT {precision} engines (built: {built}); {hint}")
+    if engines.get("tensorrt") != tensorrt_version:
+        raise LftkError(
+            f"{export_dir}: {precision} engines were built with TensorRT {engines.get('tensorrt')}, this machine has "
+            f"{tensorrt_version}; engines do not move between TensorRT versions; {hint}"
+        )
+    if engines.get("compute_capability") != compute_capability:
+        raise LftkError(
+            f"{export_dir}: {precision} engines were built for compute capability {engines.get('compute_capability')} "
+            f"({engines.get('gpu')}), this GPU is {compute_capability}; engines are GPU-specific; {hint}"
+        )
+    for name, rec in engines.get("components", {}).items():
+        if name not in manifest.get("components", {}):
+            raise LftkError(f"{export_dir}: {precision} engine for unknown component {name}; {hint}")
+        graph = component_files(manifest, name, rec.get("graph_precision", "fp32"))
+        if graph_sha256(graph) != rec.get("onnx_sha256"):
+            raise LftkError(f"{export_dir}: {name} {precision} engine was built from another {graph[0]['path']}; {hint}")
+    return engines
 
 
 def verify_manifest(export_dir: Path) -> dict:
     """Recompute every recorded hash; raise LftkError naming the first file that differs."""
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
-    for name, comp in manifest.get("components", {}).items():
-        for rec in comp["files"]:
-            path = export_dir / rec["path"]
-            if not path.is_file():
-                raise LftkError(f"{path}: missing ({name} graph listed in {MANIFEST}); {rebuild_hint(export_dir, manifest)}")
-            if path.stat().st_size != rec["bytes"] or sha256_file(path) != rec["sha256"]:
-                raise LftkError(
-                    f"{path}: content differs from {MANIFEST} (changed since export); refusing to run it; "
-                    f"{rebuild_hint(export_dir, manifest)}"
-                )
+    for what, rec in file_records(manifest):
+        path = export_dir / rec["path"]
+        hint = engine_hint(export_dir, what.split()[1]) if what.endswith("engine") else rebuild_hint(export_dir, manifest)
+        if not path.is_file():
+            raise LftkError(f"{path}: missing ({what} listed in {MANIFEST}); {hint}")
+        if path.stat().st_size != rec["bytes"] or sha256_file(path) != rec["sha256"]:
+            raise LftkError(f"{path}: content differs from {MANIFEST} (changed since export); refusing to run it; {hint}")
     log.debug("manifest of %s verified", export_dir)
     return manifest

@@ -2,6 +2,8 @@
 
 Export dir layout:
     OUT/onnx/{text_encoder,vae_encoder,unet,vae_decoder}.onnx   (+ <name>.onnx.data past 2 GB)
+    OUT/onnx/<name>.fp16.onnx, unet.int8.onnx   precision variants (`lftk.export.run`)
+    OUT/trt/<name>.<precision>.engine           TensorRT engines (`lftk.export.tensorrt`)
     OUT/pipeline/       the source diffusers dir (tokenizer, scheduler config, lftk_model.json,
                         weights): the torch backend and a re-export start from it
     OUT/parity.json     ORT vs torch figures
@@ -27,6 +29,7 @@ from lftk.errors import LftkError
 from lftk.export.contract import ComponentContract, build_contracts
 from lftk.export.manifest import MANIFEST, ONNX_DIR, PIPELINE_DIR, file_record, tool_versions, write_manifest
 from lftk.export.parity import check_parity, raise_on_failure
+from lftk.export.stages import Report, stage
 from lftk.model.base import load_pipeline, read_meta, write_meta
 from lftk.model.resolve import resolve_model
 
@@ -43,10 +46,6 @@ def pick_resolution(pipeline_dir: Path, pipe, requested: int | None) -> int:
             log.warning("exporting at %d px although the model was trained at %s px (lftk_model.json)", requested, trained)
         return int(requested)
     return int(trained or pipe.vae.config.sample_size)
-
-
-def _mb(nbytes: int) -> str:
-    return f"{nbytes / 1e6:.1f} MB"
 
 
 def _place(tmp_file: Path, dest: Path) -> list[Path]:
@@ -92,6 +91,8 @@ def export_component(contract: ComponentContract, pipe, onnx_dir: Path, opset: i
         except Exception as exc:  # the exporter raises many types; the user needs the component and opset
             raise LftkError(f"ONNX export of {contract.name} failed at opset {opset}: {exc}") from exc
         files = _place(tmp_file, onnx_dir / contract.filename)
+        for f in files[1:]:
+            f.chmod(files[0].stat().st_mode & 0o777)  # onnx writes external data 0600; it ships like the graph
     # A path (not a loaded proto) so the checker also handles graphs with external data.
     onnx.checker.check_model(str(files[0]))
     return files
@@ -105,9 +106,25 @@ def _copy_pipeline(pipeline_dir: Path, dest: Path) -> None:
     shutil.copytree(pipeline_dir, dest)
 
 
-def export_onnx(model_dir: Path, out: Path, resolution: int | None = None, opset: int = 17) -> dict:
-    """Export MODEL (run, pipeline or export dir) to OUT; returns a summary (also logged stage by stage)."""
+def export_onnx(
+    model_dir: Path,
+    out: Path,
+    resolution: int | None = None,
+    opset: int = 17,
+    dynamic_shape: bool = False,
+    report: Report | None = None,
+    source: Path | None = None,
+    extra: dict | None = None,
+    pipe=None,
+) -> dict:
+    """Export MODEL (run, pipeline or export dir) to OUT as fp32 graphs; returns a summary.
+
+    Each stage logs one line (`stages`). `source` is what the manifest names as the origin (the
+    run, when MODEL is the pipeline a merge just wrote); `extra` adds manifest fields; `pipe` is
+    MODEL's pipeline when the caller has it loaded already.
+    """
     t_start = time.perf_counter()
+    report = report if report is not None else Report()
     ref = resolve_model(model_dir)
     if ref.pipeline_dir is None:
         raise LftkError(f"{model_dir}: export dir without its pipeline/ copy: export again from the source model")
@@ -119,41 +136,42 @@ def export_onnx(model_dir: Path, out: Path, resolution: int | None = None, opset
     onnx_dir = out / ONNX_DIR
     onnx_dir.mkdir(exist_ok=True)
 
-    t0 = time.perf_counter()
-    pipe = load_pipeline(pipeline_dir)
-    res = pick_resolution(pipeline_dir, pipe, resolution)
-    contracts = build_contracts(pipe, res)
-    log.info("load     %s: %.1f s, %d px", pipeline_dir, time.perf_counter() - t0, res)
+    with stage(report, "load", "pipeline") as st:
+        pipe = pipe if pipe is not None else load_pipeline(pipeline_dir)
+        res = pick_resolution(pipeline_dir, pipe, resolution)
+        contracts = build_contracts(pipe, res, dynamic_hw=dynamic_shape)
+        st.done(pipeline_dir, f"{res} px" + (", dynamic H/W" if dynamic_shape else ""))
 
     components = {}
     for name, contract in contracts.items():
-        t0 = time.perf_counter()
-        files = export_component(contract, pipe, onnx_dir, opset)
-        size = sum(f.stat().st_size for f in files)
-        log.info("onnx     %-12s %.1f s  %s  %s  (checker ok)", name, time.perf_counter() - t0, files[0], _mb(size))
+        with stage(report, "onnx", name) as st:
+            files = export_component(contract, pipe, onnx_dir, opset)
+            st.done(files, "checker ok" + (", external data" if len(files) > 1 else ""))
         components[name] = {
             "files": [file_record(out, f.relative_to(out).as_posix()) for f in files],
             **contract.describe(),
         }
 
-    t0 = time.perf_counter()
-    _copy_pipeline(pipeline_dir, out / PIPELINE_DIR)
-    write_meta(out / PIPELINE_DIR, {"resolution": res})  # so the torch backend of this export runs at it too
-    log.info("copy     pipeline: %.1f s  %s", time.perf_counter() - t0, out / PIPELINE_DIR)
+    with stage(report, "copy", "pipeline") as st:
+        _copy_pipeline(pipeline_dir, out / PIPELINE_DIR)
+        write_meta(out / PIPELINE_DIR, {"resolution": res})  # so the torch backend of this export runs at it too
+        st.done(out / PIPELINE_DIR)
 
-    t0 = time.perf_counter()
-    parity = check_parity(pipe, contracts, onnx_dir, res)
-    (out / PARITY_FILE).write_text(json.dumps(parity, indent=2))
-    log.info("parity   %s: %.1f s  %s", "passed" if parity["passed"] else "FAILED", time.perf_counter() - t0, out / PARITY_FILE)
-    raise_on_failure(parity, out / PARITY_FILE)
+    with stage(report, "parity", "fp32") as st:
+        parity = check_parity(pipe, contracts, onnx_dir, res)
+        (out / PARITY_FILE).write_text(json.dumps(parity, indent=2))
+        worst = max(r["max_abs_diff"] for r in parity["components"].values())
+        st.done(out / PARITY_FILE, f"ORT vs torch: frame PSNR {parity['frame']['psnr_db']:.1f} dB, max abs diff {worst:.1e}")
+        raise_on_failure(parity, out / PARITY_FILE)
 
     manifest = {
-        "source": str(Path(model_dir).resolve()),
+        "source": str(Path(source or model_dir).resolve()),
         "pipeline": PIPELINE_DIR,
         "resolution": res,
         "latent_resolution": next(iter(contracts.values())).dims.latent,
+        "dynamic_shape": dynamic_shape,
         "scaling_factor": float(pipe.vae.config.scaling_factor),
-        "precision": "fp32",
+        "precision": "fp32",  # of components.*.files; other precisions are variants and engines
         "opset": opset,
         "exporter": "torch.onnx (TorchScript, dynamo=False)",
         "versions": tool_versions(),
@@ -162,11 +180,11 @@ def export_onnx(model_dir: Path, out: Path, resolution: int | None = None, opset
             "frame_psnr_db": parity["frame"]["psnr_db"],
             **{f"{n}_max_abs_diff": r["max_abs_diff"] for n, r in parity["components"].items()},
         },
+        **(extra or {}),
     }
     path = write_manifest(out, manifest)
     seconds = time.perf_counter() - t_start
-    log.info("manifest %s; export done in %.1f s", path, seconds)
-    log.info("next: lftk infer --model %s --image IMG --instruction TEXT --backend ort", out)
+    log.debug("manifest %s; ONNX export done in %.1f s", path, seconds)
     return {
         "out": str(out),
         "manifest": str(path),

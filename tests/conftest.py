@@ -73,3 +73,36 @@ def tiny_export_dir(tiny_pipeline_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "tiny_onnx"
     export_onnx(tiny_pipeline_dir, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def lora_run(tiny_pipeline_dir, tiny_pairs_dir, tmp_path_factory) -> Path:
+    """A LoRA run dir as `lftk train` leaves it, without training: final/ with the merged UNet,
+    final/lora/ adapters (random, non-zero, saved with their alpha/rank), lftk_model.json naming the
+    base, and resolved_config.yaml naming the training pairs. Read-only for tests."""
+    import torch
+    import yaml
+
+    from lftk.config import LoraConfig
+    from lftk.model.base import load_pipeline, read_meta, write_meta
+    from lftk.train.lora import add_lora, merged_copy, save_lora
+
+    run = tmp_path_factory.mktemp("lora_run") / "run"
+    final = run / "final"
+    pipe = load_pipeline(tiny_pipeline_dir)
+    cfg = LoraConfig(rank=4, alpha=8.0)
+    add_lora(pipe.unet, cfg)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # gaussian init leaves B = 0 (a no-op adapter): make it do something
+        for name, param in pipe.unet.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+    save_lora(pipe.unet, cfg, final / "lora")
+    pipe.unet = merged_copy(pipe.unet)
+    pipe.save_pretrained(str(final))
+    write_meta(final, {
+        **read_meta(tiny_pipeline_dir), "base": str(tiny_pipeline_dir), "trainable": "lora",
+        "lora": cfg.model_dump(), "resolution": 64, "horizon": 10, "prompt_template": "Scene after '{instruction}'",
+    })
+    (run / "resolved_config.yaml").write_text(yaml.safe_dump({"data": {"path": str(tiny_pairs_dir)}, "model": {"base": str(tiny_pipeline_dir)}}))
+    return run

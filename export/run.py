@@ -1,0 +1,247 @@
+"""`lftk export`: the stages in order, driven by the export table.
+
+    merge -> onnx fp32 (+ parity, manifest) -> fp16 / int8 variants -> --check-trt -> TensorRT engines
+
+What the run knew comes from its saved metadata (final/lftk_model.json: base, LoRA settings,
+resolution, horizon, prompt template; resolved_config.yaml: the training data that int8
+calibrates on), so the command needs almost no flags. Every stage logs one line (time, artifact,
+size, ok / FAILED and why); the run ends with the exact `lftk infer` and `lftk bench` commands.
+
+MODEL may be a run, a pipeline dir, or an export dir. `--no-onnx` keeps an existing export's
+fp32 graphs and adds to it (variants, a check, engines). Re-exporting graphs identical to the old
+ones (same sha256) keeps the old variants and engines instead of rebuilding them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import time
+from pathlib import Path
+
+from lftk.errors import LftkError
+from lftk.export import calibration, trt_check, variants
+from lftk.export.contract import build_contracts
+from lftk.export.manifest import (
+    MANIFEST, PIPELINE_DIR, check_engines, graph_sha256, read_manifest, verify_manifest, write_manifest,
+)
+from lftk.export.merge import adapters_of, merge_run
+from lftk.export.onnx_export import PARITY_FILE, export_onnx
+from lftk.export.precision import Format, Precision, plan, targets_in
+from lftk.export.stages import Report, stage
+from lftk.model.base import load_pipeline, read_meta
+from lftk.model.resolve import ModelRef, resolve_model
+
+log = logging.getLogger("lftk.export")
+
+RUN_META_KEYS = ("base", "trainable", "lora", "merged_lora", "resolution", "horizon", "prompt_template", "preset")
+
+
+def default_out(ref: ModelRef) -> Path:
+    """An export dir adds to itself; a run or pipeline exports into <it>/export."""
+    return ref.path if ref.kind == "export" else ref.path / "export"
+
+
+def run_export(
+    model: str | Path,
+    out: str | Path | None = None,
+    precision: str = "fp32",
+    onnx: bool = True,
+    trt: bool = False,
+    dynamic_shape: bool = False,
+    check_trt: bool = False,
+    calib: str | Path | None = None,
+    resolution: int | None = None,
+    calib_pairs: int = calibration.CALIB_PAIRS,
+) -> dict:
+    """Run the export; returns a summary (out, manifest, stages, next commands). LftkError on bad
+    input or a failed stage, NotAvailableError when --trt lacks a GPU or TensorRT."""
+    t_start = time.perf_counter()
+    precision = Precision.parse(precision)
+    targets = plan(precision, onnx, trt, dynamic_shape, calib is not None)
+    if not targets and not check_trt:
+        raise LftkError("nothing to do: --no-onnx without --trt, --check-trt or a --precision to add")
+    if dynamic_shape and not onnx:
+        raise LftkError("--dynamic-shape changes the exported graphs: drop --no-onnx to re-export them")
+    info = None
+    if any(t.build_on == "gpu" for t in targets):  # the table says what needs a GPU (TensorRT rows)
+        from lftk.export.tensorrt import require_tensorrt
+
+        info = require_tensorrt()  # before minutes of ONNX work, not after
+    ref = resolve_model(model)
+    out = Path(out) if out else default_out(ref)
+    report = Report()
+    old = _old_manifest(out) if onnx else None
+    existing = None if onnx else _existing(out)
+    pair_dir = None
+    if any(_to_build(t, onnx, trt, existing) for t in targets if t.precision == Precision.INT8 and t.format == Format.ONNX):
+        # Known before the fp32 export starts: a missing calibration source should cost seconds, not minutes.
+        pair_dir = calibration.find_pair_dir(ref, Path(calib) if calib else None, _source_of(ref))
+
+    if onnx:
+        pipeline_dir = _merge(ref, out, report)
+        export_onnx(pipeline_dir, out, resolution, dynamic_shape=dynamic_shape, report=report,
+                    source=Path(_source_of(ref) or ref.path), extra={"model": _model_meta(pipeline_dir)})
+    elif not (out / MANIFEST).is_file():
+        raise LftkError(f"--no-onnx adds to an existing export, and {out} has none: run `lftk export {model}` first")
+    manifest = verify_manifest(out)
+    _carry_over(manifest, old)
+
+    derived = [t for t in targets if t.format == Format.ONNX and t.precision != Precision.FP32]
+    pipe = contracts = None
+    if derived or trt:
+        pipe = load_pipeline(out / PIPELINE_DIR)
+        contracts = build_contracts(pipe, int(manifest["resolution"]), bool(manifest.get("dynamic_shape")))
+    parity = json.loads((out / PARITY_FILE).read_text()) if (out / PARITY_FILE).is_file() else {}
+    for row in derived:
+        if not _to_build(row, onnx, trt, manifest):  # only a source of the engines: keep the graph already vetted
+            with stage(report, row.precision.value, "graphs") as st:
+                st.skip(f"reusing the export's {row.precision.value} graph(s) for the engines")
+            continue
+        if row.precision == Precision.FP16:
+            built, parity["fp16"] = variants.build_fp16(out, manifest, pipe, contracts, report)
+        else:
+            template = read_meta(out / PIPELINE_DIR).get("prompt_template", "{instruction}")
+            built, parity["int8"] = variants.build_int8(out, manifest, pipe, contracts, pair_dir, template, report, calib_pairs)
+            manifest["parity"]["int8_frame_psnr_db_vs_fp32"] = parity["int8"]["psnr_db_vs_fp32"]
+        for name, var in built.items():
+            manifest["components"][name].setdefault("variants", {})[row.precision.value] = var
+        _save(out, manifest, parity)
+
+    if check_trt or trt:
+        with stage(report, "check", "tensorrt") as st:
+            checked = trt_check.check_export(out, manifest)
+            manifest["trt_check"] = {"source": checked["source"], "passed": checked["passed"],
+                                     "graphs": len(checked["graphs"]), "failures": checked["failures"][:50]}
+            _save(out, manifest, parity)
+            st.done(note=trt_check.summary(checked))
+            if check_trt:  # asked for: a refusal is the answer. With --trt alone TensorRT has the last word.
+                trt_check.raise_on_failure(checked)
+            elif not checked["passed"]:
+                st.warn, st.note = True, st.note + "; building anyway, TensorRT decides"
+
+    for row in (t for t in targets if t.format == Format.TRT):
+        from lftk.export.tensorrt import build_engines, engine_parity
+
+        record = build_engines(out, manifest, row, info, report)
+        with stage(report, "parity", f"trt {row.precision.value}") as st:
+            record["parity"] = engine_parity(pipe, out, manifest, record, row.precision.value, int(manifest["resolution"]))
+            st.done(note=f"frame PSNR {record['parity']['frame_psnr_db_vs_ort']:.1f} dB vs onnxruntime "
+                         f"(min {record['parity']['min_db']:.0f})")
+            if not record["parity"]["passed"]:
+                raise LftkError(f"TensorRT {row.precision.value} engines disagree with onnxruntime: {record['parity']}")
+        manifest.setdefault("engines", {})[row.precision.value] = record
+        _save(out, manifest, parity)
+
+    options = {"precision": precision.value, "dynamic_shape": dynamic_shape, "calib": str(calib) if calib else None, "trt": trt}
+    if onnx:  # the command that made this export's graphs ...
+        manifest["options"], manifest["additions"] = options, []
+    elif targets:  # ... and what --no-onnx runs added to it since, for the rebuild hint
+        manifest.setdefault("additions", [])
+        if options not in manifest["additions"]:
+            manifest["additions"].append(options)
+    manifest["precisions"] = [t.key for t in targets_in(manifest)]
+    manifest["stages"] = report.as_list()
+    path = _save(out, manifest, parity)
+    commands = next_commands(out, ref, manifest, calib)
+    log.info("export done in %.1f s: %s (%s)", time.perf_counter() - t_start, out, ", ".join(manifest["precisions"]))
+    return {"out": str(out), "manifest": str(path), "precisions": manifest["precisions"], "stages": report.as_list(),
+            "parity": manifest.get("parity", {}), "next": commands, "seconds": round(time.perf_counter() - t_start, 2)}
+
+
+def _merge(ref: ModelRef, out: Path, report: Report) -> Path:
+    """The pipeline to export: a run's adapters merged into OUT/pipeline, or MODEL's own pipeline."""
+    if ref.pipeline_dir is None:
+        raise LftkError(f"{ref.path}: export dir without its pipeline/ copy: export again from the source model")
+    with stage(report, "merge", "lora") as st:
+        if adapters_of(ref.pipeline_dir) is None:
+            st.skip(f"already merged: {ref.pipeline_dir.name}/ holds no LoRA adapters")
+            return ref.pipeline_dir
+        result = merge_run(ref.path, out / PIPELINE_DIR)
+        st.done(result.pipeline_dir, f"base + lora/ == {ref.pipeline_dir.name}/ UNet (max abs diff {result.max_abs_diff:.1e})")
+        return result.pipeline_dir
+
+
+def _existing(out: Path) -> dict | None:
+    try:
+        return read_manifest(out) if (out / MANIFEST).is_file() else None
+    except LftkError:
+        return None
+
+
+def _to_build(row, onnx: bool, trt: bool, manifest: dict | None) -> bool:
+    """Whether a derived ONNX target is built now: always when asked for as ONNX; when it is only the
+    source of --no-onnx --trt engines, only if the export lacks it."""
+    if onnx or not trt or manifest is None:
+        return True
+    comps = manifest.get("components", {})
+    return not all(row.precision.value in comp.get("variants", {}) for c, comp in comps.items() if row.covers(c))
+
+
+def _source_of(ref: ModelRef) -> str | None:
+    """The model an export dir given as MODEL was made from (its manifest's `source`)."""
+    if ref.kind != "export":
+        return None
+    try:
+        return read_manifest(ref.path).get("source")
+    except LftkError:
+        return None
+
+
+def _model_meta(pipeline_dir: Path) -> dict:
+    meta = read_meta(pipeline_dir)
+    return {k: meta[k] for k in RUN_META_KEYS if k in meta}
+
+
+def _old_manifest(out: Path) -> dict | None:
+    try:
+        return verify_manifest(out) if (out / MANIFEST).is_file() else None
+    except LftkError as exc:  # a broken old export is replaced, not reused
+        log.debug("old manifest of %s not reused: %s", out, exc)
+        return None
+
+
+def _carry_over(manifest: dict, old: dict | None) -> None:
+    """Keep the old export's variants and engines that were built from graphs identical to the new ones."""
+    if not old or old is manifest:
+        return
+    for name, comp in manifest.get("components", {}).items():
+        prev = old.get("components", {}).get(name, {})
+        if prev.get("files") and graph_sha256(prev["files"]) == graph_sha256(comp["files"]):
+            for precision, var in prev.get("variants", {}).items():
+                if var.get("source_sha256") == graph_sha256(comp["files"]):
+                    comp.setdefault("variants", {}).setdefault(precision, var)
+    for precision, eng in old.get("engines", {}).items():
+        try:
+            check_engines(Path("."), {**manifest, "engines": {precision: eng}}, precision, eng["tensorrt"], eng["compute_capability"])
+        except LftkError:
+            continue  # built from graphs that changed
+        manifest.setdefault("engines", {}).setdefault(precision, eng)
+
+
+def _save(out: Path, manifest: dict, parity: dict) -> Path:
+    (out / PARITY_FILE).write_text(json.dumps(parity, indent=2))
+    return write_manifest(out, manifest)
+
+
+def next_commands(out: Path, ref: ModelRef, manifest: dict, calib) -> list[str]:
+    """The exact commands to run next, with a real frame and instruction when the training data is known."""
+    image, instruction = "FRAME.jpg", "stack the blocks"
+    try:
+        pair_dir = calibration.find_pair_dir(ref, Path(calib) if calib else None, _source_of(ref))
+        held = next((s for s in (*calibration.HELDOUT_SPLITS, "train") if (pair_dir / s).is_dir()), None)
+        if held:
+            from lftk.data.pairset import PairSet
+
+            pairs = PairSet(pair_dir, held)
+            if len(pairs):
+                image, instruction = str(pairs[0].current), pairs[0].instruction
+    except LftkError:
+        pass  # no known training data: placeholders
+    backends = "torch,ort" + (",trt" if manifest.get("engines") else "")
+    q = shlex.quote
+    return [
+        f"lftk infer --model {q(str(out))} --image {q(image)} --instruction {q(instruction)} --backend ort",
+        f"lftk bench --model {q(str(out))} --backends {backends}",
+    ]
