@@ -158,3 +158,34 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     err = capsys.readouterr().err
     assert "loss is" in err and "last good checkpoint" in err
     assert (run / "checkpoints" / "latest").is_file() and not (run / "final").exists()
+
+
+def test_perceptual_and_adversarial_terms(tmp_path, monkeypatch, capsys, tiny_pairs_dir, tiny_pipeline_dir):
+    import torch
+
+    from lftk.train.aux_losses import VGGFeatures
+
+    vgg = tmp_path / "vgg16.pth"  # torchvision's key layout, random weights: the file format is what is tested
+    torch.save({f"features.{k}": v for k, v in VGGFeatures().features.state_dict().items()}, vgg)
+    run = tmp_path / "aux"
+    code = _train(
+        monkeypatch, f"output_dir={run}", f"data.path={tiny_pairs_dir}", f"model.base={tiny_pipeline_dir}",
+        "max_steps=2", "train.batch_size=2", "train.log_every=1", "train.loss.perceptual=0.1",
+        "train.loss.adversarial=0.01", f"train.loss.perceptual_weights={vgg}",
+    )
+    assert code in (0, None)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x]
+    assert all({"perceptual", "adversarial", "disc"} <= set(r) for r in rows)
+    assert all(math.isfinite(r["perceptual"]) and r["perceptual"] > 0 and math.isfinite(r["disc"]) for r in rows)
+    ckpt = next((run / "checkpoints").glob("step*/mp_rank_00_model_states.pt"))
+    assert "disc" in torch.load(ckpt, weights_only=False)["aux"], "the discriminator must be checkpointed"
+
+    capsys.readouterr()
+    run2 = tmp_path / "noweights"
+    code = _train(
+        monkeypatch, f"output_dir={run2}", f"data.path={tiny_pairs_dir}", f"model.base={tiny_pipeline_dir}",
+        "max_steps=1", "train.batch_size=2", "train.log_every=1", "train.loss.perceptual=0.1",
+    )
+    assert code in (0, None)
+    assert "perceptual term is off" in capsys.readouterr().err
+    assert "perceptual" not in (run2 / "metrics.jsonl").read_text()

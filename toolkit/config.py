@@ -58,6 +58,16 @@ class LoraConfig(Strict):
     )
 
 
+class LossConfig(Strict):
+    diffusion: float = Field(1.0, ge=0, description="λ1: noise-prediction MSE (the InstructPix2Pix objective).")
+    perceptual: float = Field(0.0, ge=0, description="λ2: VGG16 feature distance of the decoded x0 estimate (paper: 0.1).")
+    adversarial: float = Field(0.0, ge=0, description="λ3: patch-discriminator hinge loss (paper: 0.01).")
+    perceptual_weights: Optional[str] = Field(
+        None, description="Local torchvision VGG16 state dict (.pth); without it the perceptual term is off."
+    )
+    disc_lr: float = Field(1e-4, gt=0, description="Learning rate of the patch discriminator.")
+
+
 class ResolutionStage(Strict):
     until: float = Field(gt=0, lt=1, description="This stage lasts until this fraction of the total steps.")
     resolution: int = Field(ge=16, description="Training image side during the stage.")
@@ -90,6 +100,7 @@ class TrainConfig(Strict):
     cache_latents: bool = Field(True, description="Encode every frame with the frozen VAE once, not every step.")
     gradient_checkpointing: bool = Field(False, description="Recompute UNet activations in backward: ~8x less activation memory, ~30% slower.")
     epochs: Optional[int] = Field(None, ge=1, description="Used when max_steps is null.")
+    loss: LossConfig = Field(default_factory=LossConfig)
     conditioning_dropout: float = Field(
         0.05, ge=0, lt=1, description="Probability of dropping text and image conditions (each) for CFG."
     )

@@ -32,11 +32,11 @@ def complete_tags(ckpt_dir: Path) -> list[str]:
     return sorted(p.name for p in ckpt_dir.iterdir() if p.is_dir() and (p / COMPLETE).is_file())
 
 
-def save(engine, ckpt_dir: Path, step: int, rank: int, keep: int) -> None:
+def save(engine, ckpt_dir: Path, step: int, rank: int, keep: int, aux=None) -> None:
     """Collective: every rank calls it (ZeRO shards the optimizer state across ranks).
     The data position and per-sample noise follow from `step`; the global torch RNG (LoRA dropout) is saved."""
     tag = tag_for(step)
-    client = {"step": step, "torch_rng": torch.get_rng_state()}
+    client = {"step": step, "torch_rng": torch.get_rng_state(), "aux": aux.state_dict() if aux else {}}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client, save_latest=False)
     _barrier()
     if rank == 0:
@@ -56,7 +56,7 @@ def _rotate(ckpt_dir: Path, keep: int, current: str) -> None:
         shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
 
-def load(engine, ckpt_dir: Path) -> int:
+def load(engine, ckpt_dir: Path, aux=None) -> int:
     """Restore the newest complete checkpoint into `engine` and the torch RNG; returns its step."""
     tags = complete_tags(ckpt_dir)
     if not tags:
@@ -66,6 +66,8 @@ def load(engine, ckpt_dir: Path) -> int:
     if path is None or client is None:
         raise LftkError(f"{ckpt_dir / tag}: DeepSpeed could not load this checkpoint")
     torch.set_rng_state(client["torch_rng"])
+    if aux is not None:
+        aux.load_state_dict(client.get("aux", {}))
     log.info("resumed from %s (step %d)", ckpt_dir / tag, client["step"])
     return int(client["step"])
 

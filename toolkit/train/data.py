@@ -21,6 +21,7 @@ class PairDataset(Dataset):
 
     def __init__(self, items: PairSet, resolution: int, tokenizer, template: str, latents=None):
         self.items = items  # kept as is: its columns are shared with DataLoader workers, not copied
+        self.future_pixels = False  # also return the future frame's pixels with cached latents (aux losses)
         self.resolution = resolution
         self.tokenizer = tokenizer
         self.template = template
@@ -45,6 +46,8 @@ class PairDataset(Dataset):
         items = self.items
         row = {"key": key, "input_ids": self.tokenize(format_prompt(self.template, items.instruction(i)))}
         if self.latents is not None:
+            if self.future_pixels:
+                row["future"] = self._pixels(items.future(i))
             return {**row, **self.latents.row(i)}
         return {**row, "current": self._pixels(items.current(i)), "future": self._pixels(items.future(i))}
 

@@ -25,7 +25,8 @@ from lftk.progress import progress_bar
 from lftk.train import checkpoint
 from lftk.train.data import PairDataset, make_loader
 from lftk.train.engine import setup_engine
-from lftk.train.objective import FrozenParts, ip2p_loss
+from lftk.train.aux_losses import AuxLosses
+from lftk.train.objective import FrozenParts, ip2p_loss, training_loss
 from lftk.train.rundir import RunDir, replace_dir
 
 log = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class Setup:
     val_pairs: PairSet | None
     rank: int
     world: int
+    future_pixels: bool = False  # aux losses compare decoded frames with the true future frame
     _datasets: dict = field(default_factory=dict)
 
     def datasets(self, resolution: int) -> tuple[PairDataset, PairDataset | None]:
@@ -52,6 +54,8 @@ class Setup:
                 ds = PairDataset(pairs, resolution, self.pipe.tokenizer, d.prompt_template) if pairs else None
                 if ds is not None and self.recipe.train.cache_latents:
                     ds.latents = _latents(self, split, ds)
+                if ds is not None:
+                    ds.future_pixels = self.future_pixels
                 made.append(ds)
             self._datasets[resolution] = tuple(made)
         return self._datasets[resolution]
@@ -197,7 +201,9 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
     unet.train()
     steps = total_steps(s)
     engine, _ = setup_engine(unet, recipe, steps)
-    step = checkpoint.load(engine, s.run.checkpoints) if resume else 0
+    aux = AuxLosses(t.loss.perceptual, t.loss.adversarial, t.loss.perceptual_weights, t.loss.disc_lr, engine.device)
+    s.future_pixels = aux.active
+    step = checkpoint.load(engine, s.run.checkpoints, aux) if resume else 0
     if resume and s.rank == 0:
         s.run.truncate_metrics(step)
     t0, last = time.perf_counter(), float("nan")
@@ -205,16 +211,21 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
     with progress_bar("train", total=steps, completed=step, enabled=s.rank == 0) as advance:
         while step < steps:
             for _ in range(t.grad_accum):
-                loss = ip2p_loss(engine, s.parts, next(micro), t.conditioning_dropout, recipe.seed)
+                loss, terms, decoded, target = training_loss(
+                    engine, s.parts, next(micro), t.conditioning_dropout, recipe.seed, t.loss, aux
+                )
                 if not math.isfinite(loss.item()):
                     raise LftkError(f"loss is {loss.item()} at step {step}: stopping; the last good checkpoint is kept")
                 engine.backward(loss)
                 engine.step()
+                if decoded is not None:
+                    terms["disc"] = aux.discriminator_step(decoded, target)
             step += 1
             last = loss.item()
             advance(1)
             if s.rank == 0 and (step % t.log_every == 0 or step == steps):
-                s.run.log_metrics({"step": step, "loss": last, "lr": engine.get_lr()[0],
+                extra = {k: v for k, v in terms.items() if k != "diffusion" and v is not None} if len(terms) > 1 else {}
+                s.run.log_metrics({"step": step, "loss": last, **extra, "lr": engine.get_lr()[0],
                                    "resolution": t.resolution_at(step - 1, steps), "elapsed_s": round(time.perf_counter() - t0, 2)})
             at_checkpoint = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == steps
             if (t.val_every and step % t.val_every == 0) or at_checkpoint:
@@ -222,7 +233,7 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
                 if s.rank == 0 and vl is not None:
                     s.run.log_metrics({"step": step, "val_loss": vl})
             if at_checkpoint:
-                checkpoint.save(engine, s.run.checkpoints, step, s.rank, t.keep_checkpoints)
+                checkpoint.save(engine, s.run.checkpoints, step, s.rank, t.keep_checkpoints, aux)
     _save_final(engine, s, step, last)
     if s.rank == 0:
         s.run.plot_loss()

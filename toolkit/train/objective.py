@@ -67,8 +67,40 @@ class SampleNoise:
         return cls(torch.stack(post), torch.stack(noise), torch.stack(t), torch.stack(u))
 
 
+@dataclass
+class Forward:
+    pred: torch.Tensor  # (B, 4, h, w) predicted noise
+    noise: torch.Tensor  # (B, 4, h, w) true noise
+    noisy: torch.Tensor  # (B, 4, h, w) noised future latent
+    steps: torch.Tensor  # (B,) timesteps
+
+    @property
+    def diffusion_loss(self) -> torch.Tensor:
+        return F.mse_loss(self.pred.float(), self.noise.float())
+
+
 def ip2p_loss(unet, parts: FrozenParts, batch: dict, dropout: float, seed: int) -> torch.Tensor:
     """Diffusion (epsilon-prediction MSE) loss for one batch of (current, future, input_ids, key)."""
+    return ip2p_forward(unet, parts, batch, dropout, seed).diffusion_loss
+
+
+def training_loss(unet, parts: FrozenParts, batch: dict, dropout: float, seed: int, weights, aux=None):
+    """λ1·diffusion + λ2·perceptual + λ3·adversarial; returns (loss, {term: value}, decoded x0, target)."""
+    fwd = ip2p_forward(unet, parts, batch, dropout, seed)
+    terms = {"diffusion": fwd.diffusion_loss}
+    decoded = target = None
+    if aux is not None and aux.active:
+        from lftk.train.aux_losses import x0_estimate
+
+        x0, alpha_bar = x0_estimate(parts.noise_scheduler, fwd.noisy, fwd.pred.float(), fwd.steps)
+        decoded = parts.vae.decode((x0 / parts.scaling_factor).to(parts.vae.dtype)).sample.float()  # (B, 3, H, W)
+        target = batch["future"].to(decoded.device)
+        terms.update(aux.generator_terms(decoded, target, alpha_bar))
+    loss = sum(getattr(weights, name) * value for name, value in terms.items())
+    return loss, {k: v.item() for k, v in terms.items()}, decoded, target
+
+
+def ip2p_forward(unet, parts: FrozenParts, batch: dict, dropout: float, seed: int) -> Forward:
     device = next(unet.parameters()).device
     dtype = next(unet.parameters()).dtype
     cached = "fut_mean" in batch  # latents precomputed by lftk.train.latent_cache
@@ -102,4 +134,4 @@ def ip2p_loss(unet, parts: FrozenParts, batch: dict, dropout: float, seed: int) 
 
     model_in = torch.cat([noisy, image], dim=1)  # (B, 8, h, w): noisy future latent ‖ current latent
     pred = unet(model_in.to(dtype), steps, text.to(dtype)).sample
-    return F.mse_loss(pred.float(), noise.float())
+    return Forward(pred, noise, noisy, steps)
