@@ -5,8 +5,9 @@ guidance, rollouts) is the runner's, shared by all. Each backend also names the 
 its tokenizer and scheduler config come from, its resolution and VAE scaling factor, and keeps
 per-network call timings (for timing.json and, later, `lftk bench`).
 
-Tensors cross this interface as host torch tensors (float32; token ids int64). A TensorRT
-backend, or IO binding for onnxruntime on CUDA, slots in by overriding the `_call` methods.
+Tensors cross this interface as host torch tensors (float32; token ids int64). The TensorRT
+backend copies them to the GPU per call; IO binding for onnxruntime on CUDA would slot in the same
+way, by overriding `_call`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import torch
 
 from lftk.errors import LftkError
 from lftk.export.contract import COMPONENTS
-from lftk.export.manifest import PIPELINE_DIR, rebuild_hint, verify_manifest
+from lftk.export.manifest import PIPELINE_DIR, component_files, rebuild_hint, verify_manifest
 from lftk.export.ort_graph import DEFAULT_PROVIDERS, OrtGraph
 
 log = logging.getLogger(__name__)
@@ -113,15 +114,25 @@ class OrtBackend(Backend):
 
     name = "ort"
 
-    def __init__(self, export_dir: Path, providers: Sequence[str] | None = None, threads: int = 0):
+    def __init__(
+        self,
+        export_dir: Path,
+        providers: Sequence[str] | None = None,
+        threads: int = 0,
+        precision: str = "fp32",
+        manifest: dict | None = None,
+    ):
+        """`precision`: which ONNX graphs to load (fp32, or a variant the export has: fp16, int8).
+        `manifest`: one `verify_manifest` already returned for this dir (saves re-hashing the graphs)."""
         super().__init__()
         self.export_dir = Path(export_dir)
-        manifest = verify_manifest(self.export_dir)
+        manifest = manifest if manifest is not None else verify_manifest(self.export_dir)
         missing = [c for c in COMPONENTS if c not in manifest.get("components", {})]
         if missing:
             raise LftkError(
                 f"{self.export_dir}: manifest lacks {', '.join(missing)}; {rebuild_hint(self.export_dir, manifest)}"
             )
+        self.precision = _onnx_precision(self.export_dir, manifest, precision)
         self.manifest = manifest
         self.pipeline_dir = self.export_dir / manifest.get("pipeline", PIPELINE_DIR)
         self.resolution = int(manifest["resolution"])
@@ -130,9 +141,9 @@ class OrtBackend(Backend):
         for name in COMPONENTS:
             comp = manifest["components"][name]
             dtypes = {t["name"]: t["dtype"] for t in comp["inputs"]}
-            path = self.export_dir / comp["files"][0]["path"]
+            path = self.export_dir / component_files(manifest, name, self.precision)[0]["path"]
             self.graphs[name] = OrtGraph(path, dtypes, comp["outputs"][0]["name"], providers or DEFAULT_PROVIDERS, threads)
-        log.info("ort backend on %s: %s", self.export_dir, ", ".join(self.providers))
+        log.info("ort backend on %s (%s): %s", self.export_dir, self.precision, ", ".join(self.providers))
 
     @property
     def providers(self) -> list[str]:
@@ -140,6 +151,56 @@ class OrtBackend(Backend):
 
     def _call(self, component, *tensors):
         return self.graphs[component](*tensors)
+
+
+class TrtBackend(Backend):
+    """TensorRT engines of an export dir, refused unless built for this TensorRT and GPU from the
+    graphs the manifest lists now (`check_engines`). Needs a CUDA GPU and the tensorrt package."""
+
+    name = "trt"
+
+    def __init__(self, export_dir: Path, precision: str = "fp16", manifest: dict | None = None):
+        from lftk.export.manifest import check_engines
+        from lftk.export.tensorrt import TrtEngine, require_tensorrt
+
+        super().__init__()
+        info = require_tensorrt()
+        self.export_dir = Path(export_dir)
+        manifest = manifest if manifest is not None else verify_manifest(self.export_dir)
+        self.precision = precision
+        engines = check_engines(self.export_dir, manifest, precision, info["tensorrt"], info["compute_capability"])
+        self.manifest = manifest
+        self.pipeline_dir = self.export_dir / manifest.get("pipeline", PIPELINE_DIR)
+        self.resolution = int(manifest["resolution"])
+        self.scaling_factor = float(manifest["scaling_factor"])
+        self.graphs = {}
+        for name in COMPONENTS:
+            comp = manifest["components"][name]
+            path = self.export_dir / engines["components"][name]["files"][0]["path"]
+            self.graphs[name] = TrtEngine(path, [t["name"] for t in comp["inputs"]], comp["outputs"][0]["name"])
+        log.info("trt backend on %s (%s): %s", self.export_dir, precision, ", ".join(self.providers))
+
+    @property
+    def providers(self) -> list[str]:
+        return self.graphs["unet"].providers
+
+    def _call(self, component, *tensors):
+        return self.graphs[component](*tensors)
+
+
+def _onnx_precision(export_dir: Path, manifest: dict, precision: str) -> str:
+    """`precision` if the export holds its ONNX graphs; LftkError naming what it holds otherwise
+    (component_files alone would fall back to fp32 without a word)."""
+    from lftk.export.precision import Format, Precision, targets_in
+
+    wanted = Precision.parse(precision).value
+    held = [t.precision.value for t in targets_in(manifest) if t.format == Format.ONNX]
+    if wanted not in held:
+        raise LftkError(
+            f"{export_dir}: no {wanted} ONNX graphs (this export holds {', '.join(held) or 'none'}); add them with: "
+            f"lftk export {export_dir} --no-onnx --precision {wanted} --out {export_dir}"
+        )
+    return wanted
 
 
 BACKENDS = ("torch", "ort", "trt")

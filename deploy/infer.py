@@ -16,11 +16,12 @@ import numpy as np
 from PIL import Image
 
 from lftk.data.images import load_rgb, save_rgb
-from lftk.deploy.backends import BACKENDS, Backend, OrtBackend, TorchBackend
+from lftk.deploy.backends import BACKENDS, Backend, OrtBackend, TorchBackend, TrtBackend
 from lftk.deploy.runner import Runner
-from lftk.errors import LftkError, NotAvailableError
+from lftk.errors import LftkError
 from lftk.export.contract import CFG_BRANCHES
 from lftk.export.sampling import uses_cfg
+from lftk.export.tensorrt import require_tensorrt
 from lftk.model.resolve import resolve_model
 
 log = logging.getLogger(__name__)
@@ -29,20 +30,27 @@ MODES = ("rollout", "sweep")
 GIF_MS_PER_FRAME = 250
 
 
-def open_backend(model: str | Path, backend: str = "ort", providers: Sequence[str] | None = None) -> Backend:
-    """The backend for MODEL: ORT needs an export dir; torch takes any model (an export's pipeline/ copy)."""
+def open_backend(
+    model: str | Path, backend: str = "ort", providers: Sequence[str] | None = None, precision: str | None = None
+) -> Backend:
+    """The backend for MODEL: ORT and TensorRT need an export dir; torch takes any model (an export's
+    pipeline/ copy). `precision`: ONNX graphs for ort (default fp32), engines for trt (default fp16)."""
     if backend not in BACKENDS:
         raise LftkError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    if backend == "torch" and precision not in (None, "fp32"):
+        raise LftkError(f"the torch backend runs the fp32 weights; --precision {precision} is for --backend ort or trt")
     if backend == "trt":
-        raise NotAvailableError("the TensorRT backend is not available yet: use --backend ort or --backend torch")
+        require_tensorrt()  # before the model is even looked at: the reason here is the machine
     ref = resolve_model(model)
-    if backend == "ort":
+    if backend in ("ort", "trt"):
         if ref.kind != "export":
             raise LftkError(
-                f"{model} is a {ref.kind} dir; the ort backend runs exported graphs: run "
+                f"{model} is a {ref.kind} dir; the {backend} backend runs exported graphs: run "
                 f"`lftk export {model} --onnx --out EXPORT_DIR` first, then pass --model EXPORT_DIR"
             )
-        return OrtBackend(ref.path, providers)
+        if backend == "trt":
+            return TrtBackend(ref.path, precision or "fp16")
+        return OrtBackend(ref.path, providers, precision=precision or "fp32")
     if ref.pipeline_dir is None:
         raise LftkError(f"{model}: export dir without its pipeline/ copy: the torch backend needs the diffusers weights")
     return TorchBackend(ref.pipeline_dir)
@@ -75,6 +83,7 @@ def run_infer(
     guidance: float = 7.5,
     image_guidance: float = 1.5,
     scheduler: str = "euler_a",
+    precision: str | None = None,
 ) -> dict:
     """Predict `frames` future frames from IMAGE; returns (and writes to OUT/timing.json) the summary."""
     if mode not in MODES:
@@ -88,7 +97,7 @@ def run_infer(
     out = Path(out)
 
     t0 = time.perf_counter()
-    be = open_backend(model, backend)
+    be = open_backend(model, backend, precision=precision)
     runner = Runner.from_backend(be, scheduler)
     current = load_rgb(image, runner.resolution)
     load_s = time.perf_counter() - t0
@@ -102,6 +111,7 @@ def run_infer(
     unet_calls = be.stats["unet"][0]
     timing = {
         "backend": be.name,
+        "precision": getattr(be, "precision", "fp32"),
         "providers": be.providers,
         "mode": mode,
         "model": str(model),

@@ -1,0 +1,138 @@
+"""`lftk bench` on the tiny export: the rows, their numbers, parity, refusals, --json and --log."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lftk.cli import app
+from lftk.deploy.backends import OrtBackend
+from lftk.deploy.bench import KEYS, format_table, run_bench
+from lftk.errors import LftkError
+from lftk.export.manifest import read_manifest, write_manifest
+from lftk.export.parity import parity_image
+
+TINY = {"frames": 3, "steps": 2, "warmup": 1, "repeats": 1, "threads": 1}  # 1 thread: torch stalls on a busy CPU
+
+
+@pytest.fixture(scope="module")
+def bench(tiny_export_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    rows = run_bench(tiny_export_dir, ("torch", "ort", "trt"), json_path=out / "rows.json", log_path=out / "log.jsonl", **TINY)
+    return rows, out
+
+
+def _row(rows, backend, precision):
+    (row,) = [r for r in rows if r["backend"] == backend and r["precision"] == precision]
+    return row
+
+
+def test_bench_times_torch_and_ort_and_checks_parity(bench):
+    rows, _ = bench
+    assert [(r["backend"], r["precision"]) for r in rows] == [("torch", "fp32"), ("ort", "fp32"), ("trt", "-")]
+    for backend in ("torch", "ort"):
+        row = _row(rows, backend, "fp32")
+        assert row["status"] == "ok", row
+        for key in ("ms_per_unet_step", "ms_per_frame", "frames_per_s", "batched_frames_per_s", "peak_mem_mb", "size_mb"):
+            assert row[key] > 0, (backend, key, row[key])
+        # frames/s and ms/frame are two views of the same rollout
+        assert row["frames_per_s"] == pytest.approx(1000 / row["ms_per_frame"], rel=0.01)
+    assert _row(rows, "torch", "fp32")["parity_psnr_db"] is None  # the reference
+    assert _row(rows, "ort", "fp32")["parity_psnr_db"] >= 40.0
+
+
+def test_trt_row_says_why_it_did_not_run(bench):
+    rows, _ = bench
+    trt = _row(rows, "trt", "-")
+    try:
+        import tensorrt  # noqa: F401
+
+        has_trt = True
+    except ImportError:
+        has_trt = False
+    assert trt["status"].startswith("not available: ")
+    assert ("TensorRT not installed" in trt["status"]) == (not has_trt)
+    assert trt["ms_per_unet_step"] is None and trt["parity_psnr_db"] is None
+
+
+def test_json_and_log(bench, tiny_export_dir):
+    rows, out = bench
+    written = json.loads((out / "rows.json").read_text())
+    assert len(written) == len(rows)
+    assert all(set(KEYS) <= set(r) for r in written)
+    (entry,) = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert entry["model"] == str(tiny_export_dir) and entry["rows"] == written
+    assert {"cpu", "gpu", "lftk", "load_avg"} <= set(entry["machine"]) and entry["timestamp"]
+    table = format_table(rows)
+    assert table.splitlines()[0].split()[:3] == ["backend", "precision", "status"]
+    assert "3 independent start frames in one Runner.predict call" in table
+
+
+def test_ort_precision_is_checked_against_the_export(tiny_export_dir):
+    assert OrtBackend(tiny_export_dir, precision="fp32").precision == "fp32"
+    with pytest.raises(LftkError, match=r"no int8 ONNX graphs \(this export holds fp32\).*--precision int8"):
+        OrtBackend(tiny_export_dir, precision="int8")  # never a silent fall back to the fp32 graphs
+
+
+def test_ort_same_seed_same_batched_frames(tiny_export_dir):
+    from lftk.deploy.runner import Runner
+
+    runner = Runner.from_backend(OrtBackend(tiny_export_dir))
+    starts = np.concatenate([parity_image(64, seed=k) for k in range(2)])
+    a, b = (runner.predict(starts, "stack", steps=2, seed=3) for _ in range(2))
+    assert np.array_equal(a, b)
+
+
+def test_bench_refuses_bad_input_and_tampered_exports(tiny_export_dir, tiny_pipeline_dir, tmp_path):
+    with pytest.raises(LftkError, match="unknown backend"):
+        run_bench(tiny_export_dir, ["onnx"], **TINY)
+    with pytest.raises(LftkError, match="--frames must be 1..16"):
+        run_bench(tiny_export_dir, ["ort"], frames=17)
+    with pytest.raises(LftkError, match="run `lftk export"):
+        run_bench(tiny_pipeline_dir, ["torch"], **TINY)
+    tampered = tmp_path / "export"
+    shutil.copytree(tiny_export_dir, tampered)
+    graph = tampered / read_manifest(tampered)["components"]["unet"]["files"][0]["path"]
+    graph.write_bytes(graph.read_bytes()[:-1] + b"\0")
+    with pytest.raises(LftkError, match="content differs from manifest.json"):
+        run_bench(tampered, ["ort"], **TINY)
+
+
+def test_engines_for_another_gpu_are_refused_in_their_row(tiny_export_dir, tmp_path, monkeypatch):
+    """An export whose engine record names another TensorRT/GPU: the trt row is refused, not run."""
+    import lftk.deploy.bench as bench_mod
+    import lftk.export.tensorrt as trt_mod
+
+    export = tmp_path / "export"
+    shutil.copytree(tiny_export_dir, export)
+    manifest = read_manifest(export)
+    manifest["engines"] = {"fp16": {"tensorrt": "10.0.0", "compute_capability": "1.0", "gpu": "elsewhere", "components": {}}}
+    write_manifest(export, manifest)
+    here = {"tensorrt": "10.9.0", "cuda": True, "gpu": "here", "compute_capability": "8.9", "missing": []}
+    monkeypatch.setattr(trt_mod, "machine", lambda: here)
+    monkeypatch.setattr(bench_mod, "_cuda_peak_reset", lambda: False)
+    (row,) = run_bench(export, ["trt"], **TINY)
+    assert row["precision"] == "fp16"
+    assert row["status"].startswith("refused: ") and "built with TensorRT 10.0.0" in row["status"]
+    assert "--no-onnx --trt --precision fp16" in row["status"]
+
+
+def test_cli_bench(tiny_export_dir, tmp_path):
+    threads_before = torch.get_num_threads()  # --threads is for the bench only
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(
+        app, ["bench", "--model", str(tiny_export_dir), "--backends", "ort,trt", "--frames", "2", "--steps", "1",
+              "--repeats", "1", "--threads", "1", "--json", str(out)],
+        terminal_width=200,
+    )
+    assert result.exit_code == 0, result.output
+    written = json.loads(out.read_text())
+    assert [(r["backend"], r["status"][:3]) for r in written] == [("ort", "ok"), ("trt", "not")]
+    assert written[0]["threads"] == {"torch": 1, "onnxruntime": 1} and torch.get_num_threads() == threads_before
+    assert "batched frames/s" in result.output and f"rows -> {out}" in result.output
+    assert not (tmp_path / "bench").exists()  # no log unless --log asks for one
