@@ -1,4 +1,5 @@
-"""Metrics against scikit-image, the scoring loop, and `evaluate` end to end on the tiny pipeline."""
+"""Metrics against scikit-image, the scoring loop, and `lftk eval` end to end on the tiny pipeline
+(simulated pairs: motion, trajectory, zero-shot and rollout baselines, report, figures, --compare)."""
 
 from __future__ import annotations
 
@@ -93,71 +94,179 @@ def pair_dir(tmp_path_factory):
     return root / "pairs"
 
 
+@pytest.fixture(scope="module")
+def sim_pair_dir(tmp_path_factory):
+    """Simulated pairs (states in episode.json): 3 episodes x 2 tasks, 24 frames, horizon 8, stride 8:
+    4 test samples, 2 of them with a source episode long enough for a 2-step rollout."""
+    pytest.importorskip("pybullet")
+    from lftk.sim.generate import simulate
+
+    root = tmp_path_factory.mktemp("simeval")
+    simulate(root / "episodes", ["blocks_stack_easy", "block_handover"], episodes=3, frames=24, resolution=64,
+             seed=5, workers=1)
+    make_pairs(root / "episodes", root / "pairs", horizon=8, stride=8)
+    return root / "pairs"
+
+
+def test_metrics_match_scikit_image_on_simulated_frames(sim_pair_dir):
+    for pair in PairSet(sim_pair_dir, "test"):
+        for res in (None, 32):  # as rendered, and resized as the evaluator loads them
+            a, b = load_rgb(pair.current, res), load_rgb(pair.future, res)
+            assert abs(ssim(b, a) - _skimage_ssim(a, b)) < 1e-6
+            assert abs(psnr_raw(b, a) - peak_signal_noise_ratio(a, b, data_range=255)) < 1e-6
+            assert abs(mse(b, a) - mean_squared_error(a, b)) < 1e-6 * max(1.0, mean_squared_error(a, b))
+
+
 def _settings(**kw) -> EvalSettings:
     base = dict(resolution=32, prompt_template="{instruction}", steps=1, guidance=1.0, image_guidance=1.0,
                 seed=0, batch_size=3, device="cpu")
     return EvalSettings(**{**base, **kw})
 
 
-def test_prediction_equal_to_input_scores_exactly_as_the_copy_baseline(pair_dir):
-    pairs = list(PairSet(pair_dir, "train")) + list(PairSet(pair_dir, "val"))
+def test_prediction_equal_to_input_scores_exactly_as_the_copy_baseline(pair_dir, sim_pair_dir):
     identity = lambda items: [it.current.copy() for it in items]  # noqa: E731
-    rows, shown = score(pairs, {"model": identity, "copy": copy_predictor}, _settings(), show=[0, 3])
-    assert len(rows) == len(pairs) and len(shown) == 2
+    for pairs, res in ((list(PairSet(pair_dir, "train")) + list(PairSet(pair_dir, "val")), 32),
+                       (list(PairSet(sim_pair_dir, "test")), 64)):
+        rows, shown = score(pairs, {"model": identity, "copy": copy_predictor}, _settings(resolution=res), show=[0, 3])
+        assert len(rows) == len(pairs) and len(shown) == 2
+        for row in rows:
+            assert row["metrics"]["model"] == row["metrics"]["copy"]  # every metric, motion and trajectory too
+            for d in row["positions"].values():
+                assert d["err_px"].get("model") == d["err_px"].get("copy")
+        truth = load_rgb(pairs[0].future, res)
+        copy = rows[0]["metrics"]["copy"]
+        assert {k: copy[k] for k in ("ssim", "psnr", "mse", "psnr_capped")} == frame_metrics(load_rgb(pairs[0].current, res), truth)
+    # On simulated pairs the motion and trajectory figures exist (not n/a) for the copy baseline.
+    assert all(r["metrics"]["copy"]["motion_psnr"] is not None for r in rows)
+    assert any(r["metrics"]["copy"]["ee_err_px"] is not None for r in rows)
+    assert any(r["metrics"]["copy"]["obj_err_px"] is not None for r in rows)
+
+
+def test_prediction_equal_to_truth_is_capped_and_the_report_says_so(sim_pair_dir):
+    from lftk.eval.report import build_sections, render_markdown
+
+    pairs = list(PairSet(sim_pair_dir, "test"))
+    oracle = lambda items: [load_rgb(it.pair.future, 64) for it in items]  # noqa: E731
+    rows, _ = score(pairs, {"model": oracle, "copy": copy_predictor}, _settings(resolution=64))
     for row in rows:
-        assert row["metrics"]["model"] == row["metrics"]["copy"]
-    truth = load_rgb(pairs[0].future, 32)
-    assert rows[0]["metrics"]["copy"] == frame_metrics(load_rgb(pairs[0].current, 32), truth)
+        m = row["metrics"]["model"]
+        assert m["psnr"] == PSNR_CAP_DB and m["psnr_capped"] and m["ssim"] == 1.0 and m["mse"] == 0.0
+        assert m["motion_psnr"] == PSNR_CAP_DB and m["motion_psnr_capped"] and m["motion_ssim"] == 1.0
+        assert m["obj_err_px"] in (0.0, None) and m["ee_err_px"] == 0.0
+    report = {
+        "model": "oracle", "data": str(sim_pair_dir), "split": "test", "n_samples": len(rows), "methods": ["model", "copy"],
+        "settings": {"resolution": 64, "steps": 1, "guidance": 1.0, "image_guidance": 1.0, "seed": 0,
+                     "motion_threshold": 24, "motion_dilation_px": 2},
+        "unavailable": {}, "rows": rows, **build_sections(rows, ["model", "copy"], None),
+    }
+    assert report["summary"]["model"]["psnr"]["mean"] == PSNR_CAP_DB
+    md = render_markdown(report)
+    assert f"counted as {PSNR_CAP_DB:g} dB (capped samples: model {len(rows)})" in md
+    json.dumps(report, allow_nan=False)  # finite everywhere
 
 
 def test_baseline_names_are_checked():
     assert check_baselines(("copy", "copy")) == ["copy"]
-    assert check_baselines("copy") == ["copy"]
-    with pytest.raises(LftkError, match="unknown baseline 'blur'.*copy, zero-shot"):
+    assert check_baselines("copy, zero-shot,rollout") == ["copy", "zero-shot", "rollout"]
+    with pytest.raises(LftkError, match="unknown baseline 'blur'.*copy, zero-shot, rollout"):
         check_baselines(["blur"])
-    with pytest.raises(LftkError, match="'zero-shot'.*not implemented"):
-        check_baselines(["zero-shot"])
+    with pytest.raises(LftkError, match="the model is always evaluated"):
+        check_baselines(["model"])
 
 
 def test_evaluate_rejects_bad_input_before_loading_the_model(pair_dir, tmp_path):
     no_model = tmp_path / "no-model"  # never loaded: the argument errors come first
     with pytest.raises(LftkError, match="unknown baseline"):
         evaluate(no_model, pair_dir, tmp_path / "out", baselines=("nope",))
+    with pytest.raises(LftkError, match="rollout_steps must be >= 2"):
+        evaluate(no_model, pair_dir, tmp_path / "out", rollout_steps=1)
     with pytest.raises(LftkError, match="no split 'dev'"):
         evaluate(no_model, pair_dir, tmp_path / "out", split="dev")
     with pytest.raises(LftkError, match="no such model dir"):
         evaluate(no_model, pair_dir, tmp_path / "out")
 
 
-def test_evaluate_tiny_pipeline_writes_report_and_grid(tiny_pipeline_dir, pair_dir, tmp_path):
+@pytest.fixture(scope="module")
+def tuned_dir(tiny_pipeline_dir, tmp_path_factory):
+    """The tiny pipeline posing as a fine-tuned model whose base is itself: zero-shot must equal model."""
+    import shutil
+
+    from lftk.model.base import write_meta
+
+    out = tmp_path_factory.mktemp("tuned") / "pipeline"
+    shutil.copytree(tiny_pipeline_dir, out)
+    write_meta(out, {"base": str(tiny_pipeline_dir)})
+    return out
+
+
+def test_eval_cli_on_simulated_pairs_writes_every_artifact(tuned_dir, sim_pair_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from lftk.cli import app
+
     out = tmp_path / "eval"
-    report = evaluate(tiny_pipeline_dir, pair_dir, out, steps=2, seed=0, batch_size=2)
-
-    on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk == report
-    test = PairSet(pair_dir, "test")
-    assert report["n_samples"] == len(test) == 2
-    assert report["methods"] == ["model", "copy"]
-    assert report["settings"]["resolution"] == 64 and report["settings"]["steps"] == 2
-    assert set(report["per_task"]) == {"block_hammer_beat", "block_handover"}
-    for row in report["rows"]:
-        for method in ("model", "copy"):
-            assert set(row["metrics"][method]) == {"ssim", "psnr", "mse", "psnr_capped"}
-    # The copy rows are the metrics of (input, truth) at the model's resolution, nothing else.
-    first = test[0]
-    want = frame_metrics(load_rgb(first.current, 64), load_rgb(first.future, 64))
-    assert report["rows"][0]["sample"] == first.name and report["rows"][0]["metrics"]["copy"] == want
-    means = report["means"]["copy"]
-    assert means["ssim"] == pytest.approx(np.mean([r["metrics"]["copy"]["ssim"] for r in report["rows"]]))
-
-    with Image.open(out / "grid.png") as grid:
-        assert grid.format == "PNG" and grid.width >= 3 * 128 and grid.height >= 2 * 128
+    args = ["eval", str(tuned_dir), "--data", str(sim_pair_dir), "--out", str(out), "--steps", "2", "--batch-size", "2"]
+    result = CliRunner().invoke(app, args, terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "zero-shot" in result.output and "report.md" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "horizon.png", "report.json", "report.md", "rollout.gif"]
+    report = json.loads((out / "report.json").read_text())
+    test = PairSet(sim_pair_dir, "test")
+    assert report["n_samples"] == len(test) == 4 and report["n_episodes"] == 2
+    assert report["methods"] == ["model", "copy", "zero-shot"]
+    assert set(report["unavailable"]) <= {"lpips"}
+    rows = {r["sample"]: r for r in report["rows"]}
+    for row in rows.values():
+        # Same weights, same per-sample seeds: the "base" scores exactly as the model.
+        assert row["metrics"]["zero-shot"] == row["metrics"]["model"]
+        assert row["na"].get("trajectory") is None
+    # Rollout: step 1 is the model itself on the same sample and seed; step 2 is scored against t+2Δ.
+    ro = report["rollout"]
+    assert ro["n_samples"] == ro["eligible"] == 2 and set(ro["per_step"]) == {"1", "2"}
+    assert ro["per_step"]["2"]["horizon"] == 16
+    for r in ro["rows"]:
+        if r["step"] == 1:
+            assert r["metrics"]["model"]["mse"] == pytest.approx(rows[r["sample"]]["metrics"]["model"]["mse"], rel=1e-4)
+            assert r["metrics"]["copy"] == rows[r["sample"]]["metrics"]["copy"]
+    # The summary is the mean of the rows, and intervals come from 2 episodes.
+    s = report["summary"]["copy"]["psnr"]
+    assert s["mean"] == pytest.approx(np.mean([r["metrics"]["copy"]["psnr"] for r in rows.values()]))
+    assert s["episodes"] == 2 and s["ci"][0] <= s["mean"] <= s["ci"][1]
     md = (out / "report.md").read_text()
-    assert "| model |" in md and "| copy |" in md and "block_handover" in md
+    for heading in ("## Whole frame", "## Where the scene moves", "## Where things end up", "## Per task",
+                    "## Per horizon", "## Rollout", "## Per object"):
+        assert heading in md
+    assert "| copy |" in md and "lpips" in md
+    with Image.open(out / "grid.png") as grid:
+        assert grid.width >= 4 * 128  # input | truth | prediction | abs-diff
+    with Image.open(out / "rollout.gif") as gif:
+        assert gif.n_frames == 3  # t, t+Δ, t+2Δ
+
+    # --compare of a report with itself: no difference, and the interval says so.
+    result = CliRunner().invoke(app, ["eval", "--compare", str(out), str(out)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "paired over 4 samples" in result.output and "PSNR in motion" in result.output
+
+
+def test_evaluate_lists_an_unloadable_base_and_goes_on(tiny_pipeline_dir, pair_dir, tmp_path):
+    import shutil
+
+    from lftk.model.base import write_meta
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_pipeline_dir, model)
+    write_meta(model, {"base": str(tmp_path / "gone-base")})
+    report = evaluate(model, pair_dir, tmp_path / "out", steps=1, max_samples=1, baselines=("copy", "zero-shot", "rollout"))
+    assert report["methods"] == ["model", "copy"]
+    assert "not found" in report["unavailable"]["zero-shot"]
+    # Fake episodes carry no simulator states: trajectory metrics are n/a with the reason.
+    assert "no simulator states" in report["rows"][0]["na"]["trajectory"]
+    assert report["summary"]["model"]["obj_err_px"]["mean"] is None
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "zero-shot: base model dir" in md and "object error" not in md.split("## Notes")[0]
 
     # Per-sample seeds: one sample evaluated alone gets the prediction it got inside a batch.
-    alone = evaluate(tiny_pipeline_dir, pair_dir, tmp_path / "alone", steps=2, seed=0, max_samples=1, batch_size=1)
-    assert alone["rows"][0]["sample"] == first.name
-    in_batch = report["rows"][0]["metrics"]["model"]
+    both = evaluate(model, pair_dir, tmp_path / "both", steps=1, baselines=("copy",), batch_size=2)
+    assert both["rows"][0]["sample"] == report["rows"][0]["sample"]
     # (MSE, not SSIM: the random tiny model's noise scores similar SSIM whatever its seed.)
-    assert alone["rows"][0]["metrics"]["model"]["mse"] == pytest.approx(in_batch["mse"], rel=1e-4)
+    assert both["rows"][0]["metrics"]["model"]["mse"] == pytest.approx(report["rows"][0]["metrics"]["model"]["mse"], rel=1e-4)

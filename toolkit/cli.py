@@ -76,7 +76,7 @@ def data_sim(
 ) -> None:
     """Simulate episodes of the paper's tasks (pybullet, CPU renderer, two Panda arms, head camera).
 
-    Example: lftk data sim data/episodes --tasks block_hammer_beat,stack --episodes 4 --frames 300
+    Example: lftk data sim data/episodes --tasks block_hammer_beat,blocks_stack_easy --episodes 4 --frames 300
     """
     from lftk.sim.generate import simulate
 
@@ -85,21 +85,46 @@ def data_sim(
     _done(f"simulated {summary['episodes']} episodes, {summary['frames']} frames in {summary['seconds']:.0f} s -> {out}")
 
 
+from lftk.data.importers import format_help as _import_formats  # noqa: E402  (the FORMATS table: light, no h5py/av)
+
+
 @data_app.command("import")
 def data_import(
-    src: Path = typer.Argument(..., help="Source file or dir."),
-    out: Path = typer.Argument(..., help="Output episodes dir."),
-    format: str = typer.Option(..., "--format", help="robotwin-hdf5 | robotwin-pkl | frames | video | ip2p"),
-    instruction: Optional[str] = typer.Option(None, help="Instruction for every episode."),
+    src: Path = typer.Argument(..., help="Source: one file, or a dir searched recursively."),
+    out: Path = typer.Argument(..., help="Output: an episodes dir, or a pair dir for --format ip2p. Must not exist yet."),
+    format: str = typer.Option(..., "--format", help=_import_formats()),
+    instruction: Optional[str] = typer.Option(None, help="Instruction for everything imported (default: the source's, else the task name)."),
+    camera: str = typer.Option("head_camera", help="RoboTwin camera: head_camera | left_camera | right_camera | front_camera."),
+    fps: Optional[float] = typer.Option(None, min=0.001, help="The source's frame rate (default: a video's own; other sources are taken as 10). Frames are resampled to 10 fps."),
+    resolution: int = typer.Option(128, min=0, help="Frame side: centre-crop to a square, then resize. 0 keeps the source size."),
+    horizon: int = typer.Option(100, min=0, help="Skip episodes with no two frames this far apart (as `lftk data pairs --horizon`)."),
+    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Let robotwin-pkl load pickles: loading one runs code."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first bad file instead of skipping it."),
+    task: Optional[str] = typer.Option(None, help="Task name for everything imported (default: from the source's dirs)."),
 ) -> None:
-    """Import real data into the episode layout.
+    """Import real data. RoboTwin HDF5 and pickles, frame folders and videos become an episodes dir
+    (OUT/<task>/episode<k>/<i>.jpg + episode.json, for `lftk data pairs`); InstructPix2Pix sample
+    dirs and tables (ip2p) are pairs already and become a pair dir (OUT/<split>/<sample>/, to train on).
+    Bad files are skipped with a warning naming them (--strict: the first one stops the import);
+    OUT appears only once complete.
 
     Example: lftk data import ~/robotwin/block_hammer_beat data/episodes --format robotwin-hdf5
     """
-    raise LftkError(
-        "lftk data import is not available yet in this version: simulate with `lftk data sim`, "
-        "or lay frames out as EPISODES/<task>/episode<k>/<i>.jpg with an episode.json"
+    from lftk.data.importers import import_data
+
+    summary = import_data(
+        src, out, format, instruction=instruction, camera=camera, fps=fps, resolution=resolution,
+        horizon=horizon, trust_pickle=trust_pickle, strict=strict, task=task,
     )
+    skipped = f"{len(summary['skipped'])} skipped" + (" (see the warnings)" if summary["skipped"] else "")
+    if summary["kind"] == "pairs":
+        counts = ", ".join(f"{k} {v['pairs']}" for k, v in summary["counts"].items())
+        _done(f"pair dir written to {out}: {summary['n_pairs']} pairs ({counts}); {skipped}\nnext: lftk train recipes/demo.yaml data.path={out}")
+    else:
+        _done(
+            f"episodes dir written to {out}: {summary['episodes']} episodes, {summary['frames']} frames; {skipped}\n"
+            f"next: lftk data pairs {out} PAIRS_DIR --horizon {horizon}"
+        )
 
 
 @data_app.command("pairs")
@@ -143,7 +168,7 @@ def init_base_cmd(
     out: Path = typer.Argument(..., help="Output pipeline dir."),
     preset: str = typer.Option("tiny", help="tiny (CPU, VAE fitted on --frames) | sd15 (full size, random weights)."),
     frames: Optional[Path] = typer.Option(None, help="Episodes dir whose frames fit the tiny VAE."),
-    vae_steps: int = typer.Option(600, min=0, help="VAE fitting steps (tiny)."),
+    vae_steps: int = typer.Option(400, min=0, help="VAE fitting steps (tiny)."),
     seed: int = typer.Option(0),
 ) -> None:
     """Build a base InstructPix2Pix pipeline from configs.
@@ -204,27 +229,46 @@ def train_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Argument(..., help="Run dir, pipeline dir or export dir."),
-    data: Path = typer.Option(..., "--data", help="Pair dir (its test split is used)."),
-    baselines: str = typer.Option("copy", help="Comma-separated: copy"),
+    model: Optional[str] = typer.Argument(None, help="Run dir, pipeline dir or export dir."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Pair dir (its --split is used)."),
+    baselines: str = typer.Option("copy,zero-shot,rollout", help="Comma-separated: copy, zero-shot, rollout."),
     out: Optional[Path] = typer.Option(None, help="Report dir (default: MODEL/eval or ./eval)."),
     steps: int = typer.Option(20, min=1, help="Denoising steps."),
     split: str = typer.Option("test", help="Split to evaluate."),
-    max_samples: Optional[int] = typer.Option(None, min=1, help="Evaluate at most this many pairs."),
+    max_samples: Optional[int] = typer.Option(None, min=1, help="Evaluate at most this many pairs (spread over the split)."),
+    rollout_steps: int = typer.Option(2, min=2, help="Rollout baseline: steps of the model fed its own outputs."),
+    rollout_samples: int = typer.Option(8, min=1, help="Rollout baseline: samples rolled out."),
+    batch_size: int = typer.Option(4, min=1, help="Samples per pipeline call."),
     seed: int = typer.Option(0),
+    compare: Optional[tuple[str, str]] = typer.Option(
+        None, "--compare", help="Compare two existing reports (report dirs or run dirs): A B. No model runs."
+    ),
 ) -> None:
-    """SSIM and PSNR of the model beside baselines, with a report and a picture grid.
+    """Model vs baselines: whole-frame, motion-masked and trajectory metrics, 95% intervals, figures.
 
-    Example: lftk eval runs/demo --data data/pairs --baselines copy
+    Example: lftk eval runs/demo --data data/pairs --baselines copy,zero-shot,rollout
+    Example: lftk eval --compare runs/demo runs/demo-lora
     """
+    if compare and all(compare):
+        if model is not None or data is not None:
+            raise LftkError("--compare A B reads two existing reports: give no MODEL or --data with it")
+        from lftk.eval.compare import compare_reports, format_comparison
+
+        typer.echo(format_comparison(compare_reports(*compare)))
+        return
+    if model is None or data is None:
+        raise LftkError("lftk eval needs MODEL and --data DIR (or --compare REPORT_A REPORT_B)")
     from lftk.eval.evaluate import evaluate
+    from lftk.eval.report import summary_text
 
     out = out or (Path(model) / "eval" if Path(model).is_dir() else Path("eval"))
     names = tuple(b.strip() for b in baselines.split(",") if b.strip())
-    report = evaluate(model, data, out, split=split, steps=steps, seed=seed, max_samples=max_samples, baselines=names)
-    for method, m in report["means"].items():
-        typer.echo(f"{method:>12}: SSIM {m['ssim']:.4f}  PSNR {m['psnr']:.2f} dB  (n={report['n_samples']})")
-    _done(f"report: {out / 'report.json'}  grid: {out / 'grid.png'}")
+    report = evaluate(
+        model, data, out, split=split, steps=steps, seed=seed, max_samples=max_samples, baselines=names,
+        batch_size=batch_size, rollout_steps=rollout_steps, rollout_samples=rollout_samples,
+    )
+    typer.echo(summary_text(report))
+    _done(f"report: {out / 'report.md'} (json: {out / 'report.json'}; figures: {', '.join(report['figures'])})")
 
 
 # ---------------------------------------------------------------------------------------------- export / deploy
@@ -232,30 +276,34 @@ def eval_cmd(
 
 @app.command("export")
 def export_cmd(
-    model: str = typer.Argument(..., help="Run dir or pipeline dir."),
-    onnx: bool = typer.Option(True, "--onnx/--no-onnx", help="Export ONNX graphs (default)."),
-    trt: bool = typer.Option(False, "--trt", help="Build TensorRT engines (needs a GPU and TensorRT)."),
-    precision: str = typer.Option("fp32", help="fp32 | fp16 | int8"),
-    out: Optional[Path] = typer.Option(None, help="Export dir (default: MODEL/export)."),
+    model: str = typer.Argument(..., help="Run dir, pipeline dir, or export dir (an export dir adds to itself)."),
+    onnx: bool = typer.Option(
+        True, "--onnx/--no-onnx", help="Export the fp32 ONNX graphs from torch (default); --no-onnx adds to an existing export."
+    ),
+    trt: bool = typer.Option(False, "--trt", help="Build TensorRT engines at --precision (needs a CUDA GPU and TensorRT)."),
+    # Written from the export table (lftk.export.precision), which also validates the combination.
+    precision: str = typer.Option("fp32", help=__import__("lftk.export.precision", fromlist=["_"]).precision_help()),
+    dynamic_shape: bool = typer.Option(
+        False, "--dynamic-shape", help="Dynamic image height/width (half to twice the trained side), not only batch."
+    ),
+    check_trt: bool = typer.Option(
+        False, "--check-trt", help="Check every graph node against TensorRT's ONNX operator list, and the shape profiles (CPU)."
+    ),
+    calib: Optional[Path] = typer.Option(
+        None, "--calib", help="int8 calibration pair dir (default: the run's training data, resolved_config.yaml data.path)."
+    ),
+    out: Optional[Path] = typer.Option(None, help="Export dir (default: MODEL/export; for an export dir, itself)."),
 ) -> None:
-    """Export the four networks to ONNX, check them and their parity with torch.
+    """Merge adapters, export ONNX (fp32, fp16, int8 Q/DQ) and TensorRT engines, with parity and checks.
 
-    Example: lftk export runs/demo --onnx --out exports/demo
+    Example: lftk export runs/demo --onnx --precision int8 --check-trt --out exports/demo
     """
-    from lftk.model.resolve import resolve_model
+    from lftk.export.run import run_export
 
-    if trt:
-        raise LftkError("--trt: TensorRT engines are not available in this version; export ONNX and use --backend ort")
-    if precision != "fp32":
-        raise LftkError(f"--precision {precision}: only fp32 ONNX export is available in this version")
-    ref = resolve_model(model)
-    if ref.pipeline_dir is None:
-        raise LftkError(f"{model}: nothing to export (no pipeline inside)")
-    from lftk.export.onnx_export import export_onnx
-
-    out = out or (ref.path / "export")
-    export_onnx(ref.pipeline_dir, out)
-    _done(f"export: {out}\nnext: lftk infer --model {out} --image FRAME.jpg --instruction \"stack blocks\" --backend ort")
+    summary = run_export(
+        model, out, precision, onnx=onnx, trt=trt, dynamic_shape=dynamic_shape, check_trt=check_trt, calib=calib
+    )
+    _done(f"export: {summary['out']} ({', '.join(summary['precisions'])})\n" + "\n".join(f"next: {c}" for c in summary["next"]))
 
 
 @app.command("infer")
@@ -269,6 +317,9 @@ def infer_cmd(
     steps: int = typer.Option(20, min=1, help="Denoising steps per frame."),
     seed: int = typer.Option(0),
     out: Path = typer.Option(Path("infer_out"), help="Output dir for frames, GIF and timing.json."),
+    precision: Optional[str] = typer.Option(
+        None, help="Graphs the export holds: ort fp32 (default) | fp16 | int8; trt engines fp16 (default) | int8."
+    ),
 ) -> None:
     """Predict future frames with a rollout.
 
@@ -276,20 +327,41 @@ def infer_cmd(
     """
     from lftk.deploy.infer import run_infer
 
-    summary = run_infer(model, image, instruction, backend=backend, frames=frames, mode=mode, steps=steps, seed=seed, out=out)
+    summary = run_infer(
+        model, image, instruction, backend=backend, frames=frames, mode=mode, steps=steps, seed=seed, out=out,
+        precision=precision,
+    )
     _done(f"{frames} frame(s) in {summary['total_seconds']:.2f} s -> {out} (gif: {out / 'rollout.gif'})")
 
 
 @app.command("bench")
 def bench_cmd(
     model: str = typer.Option(..., "--model", help="Export dir."),
-    backends: str = typer.Option("torch,ort,trt", help="Comma-separated backends."),
+    backends: str = typer.Option("torch,ort,trt", help="Comma-separated backends (one row per precision the export holds)."),
+    frames: int = typer.Option(15, help="Rollout length, and start frames batched into one call (at most 16)."),
+    steps: Optional[int] = typer.Option(None, help="Denoising steps per frame (default: a short run; the table says how many)."),
+    repeats: Optional[int] = typer.Option(None, help="Timed repeats per row, after warm-up; medians are reported."),
+    threads: Optional[int] = typer.Option(
+        None, help="Intra-op threads for torch and onnxruntime alike (default: each library's choice; on a busy CPU try 1)."
+    ),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows here as a JSON list."),
+    log_path: Optional[Path] = typer.Option(
+        None, "--log", help="Append the rows, with time, machine and versions, as a JSON line (e.g. bench/results/bench_log.jsonl)."
+    ),
 ) -> None:
-    """Time backends side by side: ms per UNet step, ms per frame, frames/s, parity.
+    """Time backends side by side: ms per UNet step, ms per frame, frames/s (single and batched), memory, parity.
 
-    Example: lftk bench --model exports/demo --backends torch,ort
+    Example: lftk bench --model exports/demo --backends torch,ort --frames 15 --json bench.json
     """
-    raise LftkError("lftk bench is not available yet in this version; `lftk infer` writes timing.json per run")
+    from lftk.deploy.bench import format_table, run_bench
+
+    optional = {k: v for k, v in {"steps": steps, "repeats": repeats}.items() if v is not None}
+    rows = run_bench(
+        model, backends.split(","), frames=frames, json_path=json_path, log_path=log_path, threads=threads, **optional
+    )
+    typer.echo(format_table(rows))
+    if json_path:
+        _done(f"rows -> {json_path}")
 
 
 @app.command("doctor")
@@ -303,7 +375,24 @@ def doctor_cmd() -> None:
     typer.echo(report())
 
 
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """DeepSpeed's launcher appends --local_rank=N (unless --no_local_rank): take it into the
+    environment, where DeepSpeed looks for it, rather than reject it as an unknown option."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("--local_rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg == "--local_rank" and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+        elif i > 0 and argv[i - 1] == "--local_rank":
+            continue
+        else:
+            out.append(arg)
+    return out
+
+
 def main() -> None:
+    sys.argv = _strip_launcher_args(sys.argv)
     try:
         app()
     except LftkError as exc:

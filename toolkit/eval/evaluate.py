@@ -1,5 +1,5 @@
 """`lftk eval MODEL --data DIR`: predict each test pair's future frame, score it against the truth
-and against baselines, write report.json, report.md and grid.png.
+beside the baselines, write report.json, report.md and the figures.
 
 Everything is compared at the model's resolution: truth and input are loaded with the same
 resize policy the model was trained with (`load_rgb(path, resolution)`), so a baseline is never
@@ -11,60 +11,48 @@ from __future__ import annotations
 import logging
 import sys
 import time
-import zlib
 from pathlib import Path
-from typing import Sequence
-
-import numpy as np
+from typing import Callable, Sequence
 
 from lftk.data.images import load_rgb
 from lftk.data.inspect import spread_indices
 from lftk.data.pairset import Pair, PairSet, format_prompt
 from lftk.errors import LftkError
 from lftk.eval.methods import (
+    BASELINES,
+    DEFAULT_BASELINES,
     MODEL_METHOD,
-    EvalItem,
     EvalSettings,
     PipelinePredictor,
     Predictor,
     check_baselines,
     make_baselines,
+    make_items,
 )
-from lftk.eval.metrics import METRICS, PSNR_CAP_DB, frame_metrics
-from lftk.eval.report import GRID_ROWS, per_task, summarize, write_grid, write_report
+from lftk.eval.metrics import PSNR_CAP_DB
+from lftk.eval.motion import MOTION_THRESHOLD, dilation_radius
+from lftk.eval.perceptual import load_lpips
+from lftk.eval.rollout import ROLLOUT_SAMPLES, run_rollout
+from lftk.eval.scoring import COLUMNS, add_errors, build_target, row_base, score_prediction
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "{instruction}"
+GRID_ROWS = 8
 
 
-def sample_seed(seed: int, name: str) -> int:
-    """Noise seed of one sample: fixed by (seed, sample name), whatever else is evaluated with it."""
-    return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
-
-
-def _items(batch: Sequence[Pair], settings: EvalSettings) -> list[EvalItem]:
-    return [
-        EvalItem(
-            pair=p,
-            current=load_rgb(p.current, settings.resolution),
-            prompt=format_prompt(settings.prompt_template, p.instruction),
-            seed=sample_seed(settings.seed, p.name),
-        )
-        for p in batch
-    ]
-
-
-def _row(item: EvalItem, metrics: dict) -> dict:
-    p = item.pair
+def _row(pair: Pair, seed: int, base: dict) -> dict:
+    p = pair.prompt
     return {
-        "sample": p.name,
-        "task": p.task,
-        "episode": p.prompt.get("episode"),
-        "frame": p.prompt.get("frame"),
-        "instruction": p.instruction,
-        "seed": item.seed,
-        "metrics": metrics,  # method -> frame_metrics
+        "sample": pair.name,
+        "task": pair.task,
+        "episode": p.get("episode"),
+        "frame": p.get("frame"),
+        "horizon": p.get("horizon"),
+        "instruction": pair.instruction,
+        "seed": seed,
+        **base,
+        "metrics": {},  # method -> metric -> value (None: n/a, see "na")
     }
 
 
@@ -73,28 +61,41 @@ def score(
     methods: dict[str, Predictor],
     settings: EvalSettings,
     show: Sequence[int] = (),
+    lpips: Callable | None = None,
+    quiet: bool = False,
+    keep: dict | None = None,
 ) -> tuple[list[dict], list[dict]]:
     """Per-sample rows with every method's metrics, and the frames of the samples at indices `show`
-    (their prediction is the first method's: the model, in `evaluate`)."""
+    (their prediction is the first method's: the model, in `evaluate`). `keep`, when given, collects
+    the first method's predictions by sample name."""
     from lftk.progress import progress_bar
 
-    rows, shown, keep = [], [], set(show)
+    rows, shown, show_at = [], [], set(show)
     first = next(iter(methods))
     tty = sys.stderr.isatty()
-    with progress_bar("eval", total=len(pairs)) as advance:
+    with progress_bar("eval", total=len(pairs), enabled=not quiet) as advance:
         for start in range(0, len(pairs), settings.batch_size):
             batch = pairs[start : start + settings.batch_size]
-            items = _items(batch, settings)
-            truths = [load_rgb(p.future, settings.resolution) for p in batch]
+            items = make_items(batch, settings)
+            targets = [
+                build_target(it.current, load_rgb(p.future, settings.resolution), p.prompt,
+                             p.prompt.get("frame"), p.prompt.get("future_frame"))
+                for it, p in zip(items, batch)
+            ]
             preds = {name: predict(items) for name, predict in methods.items()}
-            for j, (item, truth) in enumerate(zip(items, truths)):
-                metrics = {name: frame_metrics(preds[name][j], truth) for name in methods}
-                rows.append(_row(item, metrics))
-                if start + j in keep:
-                    frames = {"input": item.current, "truth": truth, "prediction": preds[first][j]}
-                    shown.append({"name": item.pair.name, "metrics": metrics[first], **frames})
+            for j, (item, target) in enumerate(zip(items, targets)):
+                row = _row(item.pair, item.seed, row_base(target))
+                for name in methods:
+                    row["metrics"][name], errors = score_prediction(preds[name][j], target, lpips)
+                    add_errors(row, name, errors)
+                rows.append(row)
+                if keep is not None:
+                    keep[item.pair.name] = preds[first][j]
+                if start + j in show_at:
+                    frames = {"input": item.current, "truth": target.truth, "prediction": preds[first][j]}
+                    shown.append({"name": item.pair.name, "metrics": row["metrics"][first], **frames})
             advance(len(batch))
-            if not tty:
+            if not tty and not quiet:
                 log.info("eval: %d/%d samples", len(rows), len(pairs))
     return rows, shown
 
@@ -120,13 +121,40 @@ def _resolution(meta: dict, pipe) -> int:
     return size
 
 
-def _check_args(steps: int, max_samples: int | None, batch_size: int) -> None:
+def _setup(model: str | Path, device: str, baselines: Sequence[str], **knobs):
+    """Load the model; its settings (resolution and prompt template as trained); the predictors of
+    the model and the baselines that can be had; {name: reason} for those that cannot; LPIPS or None."""
+    ref, pipe, meta = _load_model(model, device)
+    settings = EvalSettings(
+        resolution=_resolution(meta, pipe),
+        prompt_template=meta.get("prompt_template") or DEFAULT_TEMPLATE,
+        device=device,
+        **knobs,
+    )
+    format_prompt(settings.prompt_template, "x")  # a broken template fails here, not mid-run
+    methods: dict[str, Predictor] = {MODEL_METHOD: PipelinePredictor(pipe, settings)}
+    baseline_predictors, unavailable = make_baselines(baselines, settings, meta)
+    methods.update(baseline_predictors)
+    lpips, why_not_lpips = load_lpips()
+    if lpips is None:
+        unavailable["lpips"] = why_not_lpips
+    return ref, meta, settings, methods, unavailable, lpips
+
+
+def _check_args(steps: int, max_samples: int | None, batch_size: int, rollout_steps: int, rollout_samples: int) -> None:
+    problems = []
     if steps < 1:
-        raise LftkError(f"steps must be >= 1, got {steps}")
+        problems.append(f"steps must be >= 1, got {steps}")
     if max_samples is not None and max_samples < 1:
-        raise LftkError(f"max_samples must be >= 1, got {max_samples}")
+        problems.append(f"max_samples must be >= 1, got {max_samples}")
     if batch_size < 1:
-        raise LftkError(f"batch_size must be >= 1, got {batch_size}")
+        problems.append(f"batch_size must be >= 1, got {batch_size}")
+    if rollout_steps < 2:
+        problems.append(f"rollout_steps must be >= 2 (step 1 is the model itself), got {rollout_steps}")
+    if rollout_samples < 1:
+        problems.append(f"rollout_samples must be >= 1, got {rollout_samples}")
+    if problems:
+        raise LftkError("; ".join(problems))
 
 
 def _versions() -> dict:
@@ -148,16 +176,22 @@ def evaluate(
     image_guidance: float = 1.5,
     seed: int = 0,
     max_samples: int | None = None,
-    baselines: Sequence[str] = ("copy",),
+    baselines: Sequence[str] = DEFAULT_BASELINES,
     batch_size: int = 4,
     device: str = "cpu",
+    rollout_steps: int = 2,
+    rollout_samples: int = ROLLOUT_SAMPLES,
 ) -> dict:
-    """Evaluate MODEL on `data/<split>`; writes OUT/report.json, report.md, grid.png and returns the report.
+    """Evaluate MODEL on `data/<split>`; writes OUT/report.json, report.md and figures, returns the report.
 
     `max_samples` takes that many samples spread evenly over the split (so every task is seen),
-    not the first ones.
+    not the first ones. A baseline or metric that cannot be had here is listed in the report's
+    "unavailable" with the reason; the rest of the evaluation goes on.
     """
-    _check_args(steps, max_samples, batch_size)
+    from lftk.eval.figures import write_figures
+    from lftk.eval.report import build_sections, write_report
+
+    _check_args(steps, max_samples, batch_size, rollout_steps, rollout_samples)
     names = check_baselines(baselines)  # before the model loads: a typo should cost nothing
     data, out = Path(data), Path(out)
     pairs = PairSet(data, split)
@@ -166,41 +200,48 @@ def evaluate(
     picks = [pairs[i] for i in spread_indices(len(pairs), max_samples)]
 
     t0 = time.perf_counter()
-    ref, pipe, meta = _load_model(model, device)
-    settings = EvalSettings(
-        resolution=_resolution(meta, pipe),
-        prompt_template=meta.get("prompt_template") or DEFAULT_TEMPLATE,
-        steps=steps,
-        guidance=guidance,
-        image_guidance=image_guidance,
-        seed=seed,
+    ref, meta, settings, methods, unavailable, lpips = _setup(
+        model, device, names, steps=steps, guidance=guidance, image_guidance=image_guidance, seed=seed,
         batch_size=batch_size,
-        device=device,
     )
-    format_prompt(settings.prompt_template, "x")  # a broken template fails here, not mid-run
+    model_predict = methods[MODEL_METHOD]
     load_s = time.perf_counter() - t0
-    methods: dict[str, Predictor] = {MODEL_METHOD: PipelinePredictor(pipe, settings)}
-    methods.update(make_baselines(names, settings))
     log.info(
         "evaluating %s on %d samples of %s (%s) at %d px",
         ref.path, len(picks), data / split, ", ".join(methods), settings.resolution,
     )
 
     t1 = time.perf_counter()
-    rows, shown = score(picks, methods, settings, show=spread_indices(len(picks), GRID_ROWS))
+    model_preds: dict = {}
+    rows, shown = score(picks, methods, settings, show=spread_indices(len(picks), GRID_ROWS), lpips=lpips,
+                        keep=model_preds if "rollout" in names else None)
     score_s = time.perf_counter() - t1
+    rollout = None
+    t2 = time.perf_counter()
+    if "rollout" in names:
+        rollout, why = run_rollout(picks, model_predict, settings, rollout_steps, rollout_samples, model_preds)
+        if rollout is None:
+            log.warning("rollout baseline unavailable: %s", why)
+            unavailable["rollout"] = why
+    rollout_s = time.perf_counter() - t2
+
     method_names = list(methods)
-    overall = summarize(rows, method_names)
     report = {
         "model": str(ref.path.resolve()),
         "model_kind": ref.kind,
         "pipeline_dir": str(ref.pipeline_dir.resolve()),
+        "base": meta.get("base"),
         "data": str(data.resolve()),
         "split": split,
         "n_samples": len(rows),
         "n_split": len(pairs),
         "methods": method_names,
-        "metrics": [{"name": m.name, "label": m.label, "higher_is_better": m.higher_is_better} for m in METRICS],
+        "baselines": {n: BASELINES[n].description for n in names},
+        "unavailable": unavailable,
+        "columns": [
+            {"name": c.name, "label": c.label, "higher_is_better": c.higher_is_better, "group": c.group}
+            for c in COLUMNS
+        ],
         "psnr_cap_db": PSNR_CAP_DB,
         "settings": {
             "resolution": settings.resolution,
@@ -213,22 +254,38 @@ def evaluate(
             "batch_size": batch_size,
             "device": device,
             "baselines": names,
+            "rollout_steps": rollout_steps if "rollout" in names else None,
+            "rollout_samples": rollout_samples if "rollout" in names else None,
+            "motion_threshold": MOTION_THRESHOLD,
+            "motion_dilation_px": dilation_radius(settings.resolution),
         },
-        "means": overall["means"],
-        "per_task": per_task(rows, method_names),
+        **build_sections(rows, method_names, rollout),
         "timing": {
             "load_s": round(load_s, 3),
-            "score_s": round(score_s, 3),  # every method, metrics included
+            "score_s": round(score_s, 3),  # every per-pair method, metrics included
             "s_per_sample": round(score_s / len(rows), 4),
+            "rollout_s": round(rollout_s, 3),
         },
         "versions": _versions(),
         "rows": rows,
     }
+    report["figures"] = write_figures(out, report, shown, rollout)
     write_report(out, report)
-    write_grid(out, shown, settings.resolution)
-    m = report["means"][MODEL_METHOD]
-    log.info(
-        "model: SSIM %.4f, PSNR %.2f dB, MSE %.2f over %d samples; report in %s",
-        m["ssim"], m["psnr"], m["mse"], len(rows), out,
-    )
+    _log_headline(report, out)
     return report
+
+
+def _log_headline(report: dict, out: Path) -> None:
+    s = report["summary"]
+    for method in report["methods"]:
+        m = s[method]
+        log.info(
+            "%s: PSNR %s dB, PSNR in motion %s dB, object error %s px (%d samples)",
+            method, _fmt(m["psnr"]["mean"]), _fmt(m["motion_psnr"]["mean"]), _fmt(m["obj_err_px"]["mean"]),
+            report["n_samples"],
+        )
+    log.info("report in %s", out)
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"

@@ -5,13 +5,16 @@ to predicted future frames, (R, R, 3) uint8 each. The model and every baseline a
 the same code, so a baseline's figures and the model's are comparable by construction.
 
 `BASELINES` is the one table of baselines: `--baselines` is validated against it and the error
-message lists it. A new baseline is one row (and its predictor).
+message lists it. A baseline that cannot be had here (the zero-shot base is neither on disk nor
+in the hub cache) is listed as unavailable with the reason; the evaluation goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
@@ -45,6 +48,27 @@ class EvalItem:
 
 
 Predictor = Callable[[Sequence[EvalItem]], list[np.ndarray]]
+
+
+def sample_seed(seed: int, name: str) -> int:
+    """Noise seed of one sample: fixed by (seed, sample name), whatever else is evaluated with it."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(name.encode())]).generate_state(1)[0])
+
+
+def make_items(pairs: Sequence[Pair], settings: EvalSettings) -> list[EvalItem]:
+    """The model's view of each pair: current frame at the model's resolution, prompt, noise seed."""
+    from lftk.data.images import load_rgb
+    from lftk.data.pairset import format_prompt
+
+    return [
+        EvalItem(
+            pair=p,
+            current=load_rgb(p.current, settings.resolution),
+            prompt=format_prompt(settings.prompt_template, p.instruction),
+            seed=sample_seed(settings.seed, p.name),
+        )
+        for p in pairs
+    ]
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -90,16 +114,18 @@ def copy_predictor(items: Sequence[EvalItem]) -> list[np.ndarray]:
 class Baseline:
     name: str
     description: str
-    make: Callable[[EvalSettings], Predictor] | None  # None: listed, not implemented yet
+    per_pair: bool  # True: a predictor scored on every pair; False: its own section (rollout)
 
 
 BASELINES: dict[str, Baseline] = {
     b.name: b
     for b in (
-        Baseline("copy", "the current frame as the prediction (no motion)", lambda _s: copy_predictor),
-        Baseline("zero-shot", "the base InstructPix2Pix model, not fine-tuned", None),
+        Baseline("copy", "the current frame as the prediction (no motion)", True),
+        Baseline("zero-shot", "the untuned base model the run started from (the paper's pre-evaluation)", True),
+        Baseline("rollout", "the model fed its own outputs: t+Δ, then t+2Δ from its t+Δ, ...", False),
     )
 }
+DEFAULT_BASELINES = ("copy", "zero-shot", "rollout")
 
 
 def check_baselines(names: Sequence[str] | str) -> list[str]:
@@ -113,12 +139,62 @@ def check_baselines(names: Sequence[str] | str) -> list[str]:
             raise LftkError(f"baseline '{name}': the model is always evaluated; baselines are: {valid}")
         if name not in BASELINES:
             raise LftkError(f"unknown baseline '{name}': choose from {valid}")
-        if BASELINES[name].make is None:
-            raise LftkError(f"baseline '{name}' ({BASELINES[name].description}) is not implemented yet")
         if name not in out:
             out.append(name)
     return out
 
 
-def make_baselines(names: Sequence[str], settings: EvalSettings) -> dict[str, Predictor]:
-    return {name: BASELINES[name].make(settings) for name in check_baselines(names)}  # type: ignore[misc]
+def load_base_pipeline(meta: dict, device: str):
+    """(pipeline, "") for the base the model was fine-tuned from, or (None, why it cannot be had).
+
+    The base is `base` in the model's lftk_model.json: a local dir (relative paths are read from
+    the current dir, as training read them) or a hub id, used only if already in the local cache:
+    evaluation never downloads.
+    """
+    from lftk.model.base import load_pipeline
+
+    base = meta.get("base")
+    if not base:
+        return None, "the model records no base (no 'base' in lftk_model.json): it is not a fine-tuned run"
+    local = Path(str(base)).expanduser()
+    if not local.exists():
+        if str(base).startswith((".", "/", "~")) or str(base).count("/") != 1:
+            return None, f"base model dir {base} not found (relative to {Path.cwd()})"
+        cached = _hub_snapshot(str(base))
+        if cached is None:
+            return None, f"base {base} is a hub id not in the local cache; evaluation never downloads (fetch it first)"
+        local = cached
+    try:
+        pipe = load_pipeline(local)
+    except LftkError as exc:
+        return None, str(exc)
+    pipe.to(device)
+    return pipe, ""
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    found = try_to_load_from_cache(repo_id, "model_index.json")
+    return Path(found).parent if isinstance(found, str) else None
+
+
+def make_baselines(
+    names: Sequence[str], settings: EvalSettings, meta: dict
+) -> tuple[dict[str, Predictor], dict[str, str]]:
+    """Predictors of the per-pair baselines among `names`, and {name: reason} for those unavailable."""
+    predictors: dict[str, Predictor] = {}
+    unavailable: dict[str, str] = {}
+    for name in check_baselines(names):
+        if name == "copy":
+            predictors[name] = copy_predictor
+        elif name == "zero-shot":
+            pipe, why = load_base_pipeline(meta, settings.device)
+            if pipe is None:
+                log.warning("zero-shot baseline unavailable: %s", why)
+                unavailable[name] = why
+            else:
+                predictors[name] = PipelinePredictor(pipe, settings)
+    return predictors, unavailable

@@ -59,12 +59,12 @@ def psnr_raw(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def psnr(pred: np.ndarray, truth: np.ndarray) -> tuple[float, bool]:
     """(PSNR in dB capped at PSNR_CAP_DB, whether it was capped)."""
-    value = psnr_raw(pred, truth)
-    return (PSNR_CAP_DB, True) if value >= PSNR_CAP_DB else (value, False)
+    return psnr_from_mse(mse(pred, truth), data_range(pred, truth))
 
 
-def ssim(pred: np.ndarray, truth: np.ndarray) -> float:
-    """Mean SSIM of (H, W) or (H, W, C) frames; see the module docstring for the exact definition."""
+def ssim_map(pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
+    """Local SSIM, (H - 2r, W - 2r, C) with r = SSIM_RADIUS: the border rows and columns, whose
+    window overhangs the frame and so reads padding, are left out (as scikit-image does)."""
     r = data_range(pred, truth)
     if pred.ndim not in (2, 3):
         raise ValueError(f"expected (H, W) or (H, W, C) frames, got shape {pred.shape}")
@@ -89,10 +89,20 @@ def ssim(pred: np.ndarray, truth: np.ndarray) -> float:
     num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
     den = (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
     s_map = num / den
-    # The window overhangs the border within SSIM_RADIUS px; those values use padding, so they are left out.
-    inner = s_map[SSIM_RADIUS:-SSIM_RADIUS, SSIM_RADIUS:-SSIM_RADIUS]
+    return s_map[SSIM_RADIUS:-SSIM_RADIUS, SSIM_RADIUS:-SSIM_RADIUS]
+
+
+def ssim(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Mean SSIM of (H, W) or (H, W, C) frames; see the module docstring for the exact definition."""
+    inner = ssim_map(pred, truth)
     per_channel = inner.reshape(-1, inner.shape[-1]).mean(axis=0, dtype=np.float64)
     return float(per_channel.mean())
+
+
+def psnr_from_mse(err: float, peak: float) -> tuple[float, bool]:
+    """(PSNR in dB capped at PSNR_CAP_DB, whether it was capped) for a mean squared error."""
+    value = math.inf if err == 0.0 else 10.0 * math.log10(peak * peak / err)
+    return (PSNR_CAP_DB, True) if value >= PSNR_CAP_DB else (value, False)
 
 
 @dataclass(frozen=True)

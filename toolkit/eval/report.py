@@ -1,7 +1,8 @@
-"""Evaluation outputs: report.json (every figure), report.md (the table a person reads), grid.png.
+"""Evaluation outputs: the summaries derived from the per-sample rows, report.json and report.md.
 
-Per-sample rows are the source of truth; means (and later confidence intervals) are derived from
-them by `summarize`, so the overall and per-task tables can never disagree with the rows.
+Per-sample rows are the source of truth; every mean and interval is derived from them here
+(stats.Bootstrap over episodes), so the overall, per-task, per-horizon, per-object and rollout
+tables can never disagree with the rows.
 """
 
 from __future__ import annotations
@@ -13,33 +14,178 @@ from typing import Sequence
 
 import numpy as np
 
-from lftk.data.inspect import contact_sheet
-from lftk.eval.metrics import METRICS, PSNR_CAP_DB
+from lftk.eval.metrics import PSNR_CAP_DB
+from lftk.eval.rollout import ROLLOUT_METHODS, RolloutResult
+from lftk.eval.scoring import COLUMN, COLUMNS, GROUP_TITLES
+from lftk.eval.stats import BOOTSTRAP_RESAMPLES, CONFIDENCE, Bootstrap, episode_key, summarize
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
-GRID_PNG = "grid.png"
-GRID_ROWS = 8
+KEY_COLUMNS = ("ssim", "psnr", "motion_psnr", "obj_err_px", "ee_err_px")  # the breakdown tables' columns
+METRIC_NAMES = [c.name for c in COLUMNS]
 
 
-def summarize(rows: Sequence[dict], methods: Sequence[str]) -> dict:
-    """{"n": samples, "means": {method: {metric: mean, "psnr_capped": count}}} over `rows`.
-
-    PSNR means use the capped per-sample values: an uncapped mean is infinite as soon as one
-    prediction is exact.
-    """
-    means = {}
-    for method in methods:
-        per = [r["metrics"][method] for r in rows]
-        stats = {m.name: float(np.mean([p[m.name] for p in per])) for m in METRICS}
-        stats["psnr_capped"] = sum(bool(p["psnr_capped"]) for p in per)
-        means[method] = stats
-    return {"n": len(rows), "means": means}
+def _groups(rows: Sequence[dict], key) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(str(key(r)), []).append(r)
+    return dict(sorted(out.items()))
 
 
-def per_task(rows: Sequence[dict], methods: Sequence[str]) -> dict:
-    tasks = sorted({r["task"] for r in rows})
-    return {t: summarize([r for r in rows if r["task"] == t], methods) for t in tasks}
+def _per_object(rows: Sequence[dict], methods: Sequence[str], boot: Bootstrap) -> dict:
+    """{task/name: {"kind", "moved_px", "n", "summary": {method: {"err_px": mean_ci}}}}."""
+    names = sorted({(r["task"], n, d["kind"]) for r in rows for n, d in r["positions"].items() if d.get("err_px")})
+    out = {}
+    for task, name, kind in names:
+        sel = [r for r in rows if r["task"] == task and r["positions"].get(name, {}).get("err_px")]
+        moved = [r["positions"][name]["moved_px"] for r in sel if r["positions"][name].get("moved_px") is not None]
+        out[f"{task}/{name}"] = {
+            "kind": kind,
+            "moved_px": float(np.mean(moved)) if moved else None,
+            "n": len(sel),
+            "summary": summarize(sel, methods, ["err_px"], boot,
+                                 value=lambda r, m, _k, n=name: r["positions"][n]["err_px"].get(m)),
+        }
+    return out
+
+
+def build_sections(rows: Sequence[dict], methods: Sequence[str], rollout: RolloutResult | None) -> dict:
+    """Every derived part of the report: overall summary, breakdowns, rollout per step."""
+    keys = [episode_key(r) for r in rows] + [episode_key(r) for r in (rollout.rows if rollout else [])]
+    boot = Bootstrap(keys)
+
+    def section(sel: Sequence[dict], meths: Sequence[str] = methods) -> dict:
+        return {"n": len(sel), "episodes": len({episode_key(r) for r in sel}),
+                "summary": summarize(sel, meths, METRIC_NAMES, boot)}
+
+    out = {
+        "n_episodes": len({episode_key(r) for r in rows}),
+        "bootstrap": {"unit": "episode", "resamples": BOOTSTRAP_RESAMPLES, "confidence": CONFIDENCE},
+        "summary": summarize(rows, methods, METRIC_NAMES, boot),
+        "per_task": {t: section(sel) for t, sel in _groups(rows, lambda r: r["task"]).items()},
+        "per_horizon": {h: section(sel) for h, sel in _groups(rows, lambda r: r.get("horizon")).items()},
+        "per_object": _per_object(rows, methods, boot),
+        "rollout": None,
+    }
+    if rollout is not None:
+        steps = _groups(rollout.rows, lambda r: r["step"])
+        out["rollout"] = {
+            "methods": list(ROLLOUT_METHODS),
+            "n_samples": len({r["sample"] for r in rollout.rows}),
+            "eligible": rollout.eligible,
+            "per_step": {
+                k: {"horizon": sel[0]["horizon"], **section(sel, ROLLOUT_METHODS)} for k, sel in steps.items()
+            },
+            "rows": rollout.rows,
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------ markdown
+
+
+def cell(stat: dict, column: str) -> str:
+    c = COLUMN[column]
+    if stat["mean"] is None:
+        return "n/a"
+    ci = f" [{c.show(stat['ci'][0])}, {c.show(stat['ci'][1])}]" if stat["ci"] else ""
+    return c.show(stat["mean"]) + ci
+
+
+def _head(column: str) -> str:
+    c = COLUMN[column]
+    return f"{c.label} {'↑' if c.higher_is_better else '↓'}"
+
+
+def _present(summary: dict, columns: Sequence[str]) -> list[str]:
+    """Columns with a value for some method: a metric n/a everywhere is listed, not tabled."""
+    return [c for c in columns if any(s[c]["n"] for s in summary.values())]
+
+
+def _table(summary: dict, methods: Sequence[str], columns: Sequence[str], ci: bool = True) -> list[str]:
+    lines = ["| method | " + " | ".join(_head(c) for c in columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for m in methods:
+        cells = [cell(summary[m][c], c) if ci else COLUMN[c].show(summary[m][c]["mean"]) for c in columns]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _breakdown(title: str, label: str, sections: dict, methods: Sequence[str], columns: Sequence[str]) -> list[str]:
+    if not sections or not columns:
+        return []
+    out = [f"## {title}", "", f"| {label} | n | method | " + " | ".join(_head(c) for c in columns) + " |",
+           "|---" * (len(columns) + 3) + "|"]
+    for key, sec in sections.items():
+        for m in methods:
+            cells = " | ".join(COLUMN[c].show(sec["summary"][m][c]["mean"]) for c in columns)
+            out.append(f"| {key} | {sec['n']} | {m} | {cells} |")
+    return out + [""]
+
+
+def _objects(report: dict) -> list[str]:
+    objs, methods = report["per_object"], report["methods"]
+    if not objs:
+        return []
+    out = ["## Per object and hand: position error (px)", "",
+           "| task/object | n | moved (px) | " + " | ".join(methods) + " |", "|---" * (len(methods) + 3) + "|"]
+    for name, o in objs.items():
+        cells = " | ".join(cell(o["summary"][m]["err_px"], "obj_err_px") for m in methods)
+        out.append(f"| {name} | {o['n']} | {COLUMN['obj_err_px'].show(o['moved_px'])} | {cells} |")
+    return out + ["", "`moved`: how far it truly moved between the current and the future frame (projected states)."]
+
+
+def _rollout(report: dict) -> list[str]:
+    ro = report["rollout"]
+    if not ro:
+        return []
+    steps = ro["per_step"]
+    columns = _present(next(iter(steps.values()))["summary"], KEY_COLUMNS)
+    out = ["## Rollout: the model fed its own outputs", "",
+           f"{ro['n_samples']} samples (of {ro['eligible']} whose episode runs long enough); step k predicts "
+           "t+k·Δ from the model's own t+(k-1)·Δ; copy holds frame t.", "",
+           "| step | horizon | n | method | " + " | ".join(_head(c) for c in columns) + " |",
+           "|---" * (len(columns) + 4) + "|"]
+    for k, sec in steps.items():
+        for m in ro["methods"]:
+            cells = " | ".join(cell(sec["summary"][m][c], c) for c in columns)
+            out.append(f"| {k} | {sec['horizon']} | {sec['n']} | {m} | {cells} |")
+    return out + [""]
+
+
+def render_markdown(report: dict) -> str:
+    methods, s = report["methods"], report["settings"]
+    out = [
+        f"# lftk eval: `{report['model']}`",
+        "",
+        f"{report['n_samples']} samples from {report['n_episodes']} episodes of split `{report['split']}` in "
+        f"`{report['data']}`, at {s['resolution']} px; {s['steps']} steps, guidance {s['guidance']}, "
+        f"image guidance {s['image_guidance']}, seed {s['seed']}.",
+        f"Mean [95% interval]: bootstrap over episodes ({report['bootstrap']['resamples']} resamples); "
+        "n/a where a metric does not apply; with few episodes the intervals are coarse.",
+        "",
+    ]
+    for group, title in GROUP_TITLES.items():
+        columns = _present(report["summary"], [c.name for c in COLUMNS if c.group == group])
+        if columns:
+            out += [f"## {title}", "", *_table(report["summary"], methods, columns), ""]
+    if report["unavailable"]:
+        out += ["Unavailable here:", *(f"- {k}: {v}" for k, v in report["unavailable"].items()), ""]
+    key = _present(report["summary"], KEY_COLUMNS)
+    out += _breakdown("Per task (means)", "task", report["per_task"], methods, key)
+    out += _breakdown("Per horizon (means)", "horizon", report["per_horizon"], methods, key)
+    out += _rollout(report)
+    out += _objects(report)
+    capped = {m: n for m in methods if (n := sum(bool(r["metrics"][m]["psnr_capped"]) for r in report["rows"]))}
+    counts = " (capped samples: " + ", ".join(f"{m} {n}" for m, n in capped.items()) + ")" if capped else ""
+    out += ["", "## Notes", "",
+            f"- PSNR of an exact prediction is infinite; it is counted as {PSNR_CAP_DB:g} dB{counts}.",
+            f"- Motion mask: pixels where current and true future differ by more than {s['motion_threshold']} levels "
+            f"(max over RGB), dilated by {s['motion_dilation_px']} px; the same pixels for every method.",
+            "- Positions: objects by their colour (episode.json), hands by matching the true frame's patch; "
+            "pixels at the evaluated resolution. Real data without simulator states: n/a."]
+    if report.get("figures"):
+        out.append("- Figures: " + ", ".join(f"`{f}`" for f in report["figures"]) + ".")
+    return "\n".join(out) + "\n"
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -48,62 +194,33 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)  # a reader never sees half a report
 
 
-def _heads() -> list[str]:
-    return [f"{m.label} {'↑' if m.higher_is_better else '↓'}" for m in METRICS]
-
-
-def _cells(means: dict, method: str) -> str:
-    stats = means[method]
-    cells = [f"{stats[m.name]:.4f}" if m.name == "ssim" else f"{stats[m.name]:.2f}" for m in METRICS]
-    return f"| {method} | " + " | ".join(cells) + " |"
-
-
-def render_markdown(report: dict) -> str:
-    methods = report["methods"]
-    s = report["settings"]
-    heads = _heads()
-    out = [
-        f"# lftk eval: `{report['model']}`",
-        "",
-        f"{report['n_samples']} samples of split `{report['split']}` in `{report['data']}`, "
-        f"at {s['resolution']} px; {s['steps']} steps, guidance {s['guidance']}, "
-        f"image guidance {s['image_guidance']}, seed {s['seed']}.",
-        "",
-        "| method | " + " | ".join(heads) + " |",
-        "|---" * (len(heads) + 1) + "|",
-        *(_cells(report["means"], m) for m in methods),
-        "",
-        "## Per task",
-        "",
-        "| task | n | method | " + " | ".join(heads) + " |",
-        "|---" * (len(heads) + 3) + "|",
-    ]
-    for task, summary in report["per_task"].items():
-        out.extend(f"| {task} | {summary['n']} " + _cells(summary["means"], m) for m in methods)
-    capped = {m: report["means"][m]["psnr_capped"] for m in methods if report["means"][m]["psnr_capped"]}
-    out += ["", f"PSNR of an exact prediction is infinite; it is counted as {PSNR_CAP_DB:g} dB."]
-    if capped:
-        out.append("Capped samples: " + ", ".join(f"{m} {n}" for m, n in capped.items()) + ".")
-    return "\n".join(out) + "\n"
-
-
 def write_report(out: Path, report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # allow_nan=False: a NaN or inf that slipped through is a bug to see now, not invalid JSON later.
-    _write_atomic(out / REPORT_JSON, json.dumps(report, indent=2, allow_nan=False).encode())
+    _write_atomic(out / REPORT_JSON, json.dumps(report, indent=1, allow_nan=False).encode())
     _write_atomic(out / REPORT_MD, render_markdown(report).encode())
 
 
-def write_grid(out: Path, shown: Sequence[dict], resolution: int) -> Path:
-    """grid.png: rows input | truth | prediction, each captioned with its sample and model figures."""
-    rows = [[s["input"], s["truth"], s["prediction"]] for s in shown]
-    labels = [
-        f"{s['name']}  SSIM {s['metrics']['ssim']:.3f}  PSNR {s['metrics']['psnr']:.1f} dB" for s in shown
-    ]
-    cell = int(min(max(resolution, 128), 256))  # big enough for the captions, small enough to open anywhere
-    sheet = contact_sheet(rows, ["input", "truth", "prediction (model)"], labels, cell=cell)
-    path = out / GRID_PNG
-    tmp = path.with_name(f".{path.name}.tmp")
-    sheet.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+def read_report(path: Path | str) -> dict:
+    """report.json from a report dir, a run dir (its eval/) or the file itself."""
+    from lftk.errors import LftkError
+
+    p = Path(path)
+    for cand in (p, p / REPORT_JSON, p / "eval" / REPORT_JSON):
+        if cand.is_file():
+            try:
+                return json.loads(cand.read_text())
+            except json.JSONDecodeError as exc:
+                raise LftkError(f"{cand}: not valid JSON ({exc})") from None
+    raise LftkError(f"{path}: no {REPORT_JSON} (expected a report dir, a run dir with eval/, or the file)")
+
+
+def summary_text(report: dict, columns: Sequence[str] = KEY_COLUMNS) -> str:
+    """The headline as plain text for a terminal: one line per method, mean [95% interval]."""
+    cols = _present(report["summary"], columns)
+    table = [("method", *(_head(c) for c in cols))]
+    table += [(m, *(cell(report["summary"][m][c], c) for c in cols)) for m in report["methods"]]
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in table]
+    lines += [f"unavailable: {k}: {v}" for k, v in report["unavailable"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""The evaluation metrics during training: a fixed small val subset every N steps.
+
+The training loop calls `val_metrics(pipe, pairs, ...)` with its pipeline (whose UNet is the one
+being trained) and logs the flat dict it returns to metrics.jsonl (and TensorBoard when that
+package is installed: lftk does not depend on it). The subset is the same at every call (spread
+over the split, so every task is in it) and so is the noise (per-sample seeds), so the curve
+moves only because the model does. Figures are the same code as `lftk eval`: whole-frame,
+motion-masked and trajectory metrics, model and copy baseline.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from lftk.data.inspect import spread_indices
+from lftk.data.pairset import Pair
+from lftk.eval.methods import MODEL_METHOD, EvalSettings, PipelinePredictor, copy_predictor
+
+log = logging.getLogger(__name__)
+
+VAL_KEYS = ("ssim", "psnr", "mse", "motion_ssim", "motion_psnr", "obj_err_px", "obj_missing", "ee_err_px")
+VAL_PREFIX = "val_"
+
+
+def val_metrics(
+    pipe,
+    pairs: Sequence[Pair],
+    resolution: int,
+    prompt_template: str = "{instruction}",
+    max_samples: int = 8,
+    steps: int = 10,
+    guidance: float = 7.5,
+    image_guidance: float = 1.5,
+    seed: int = 0,
+    batch_size: int = 4,
+    with_copy: bool = False,
+) -> dict[str, float]:
+    """{"val_ssim": mean, "val_psnr": ..., "val_motion_psnr": ..., "val_obj_err_px": ..., "val_n": n}
+    over a fixed subset of `pairs`; metrics that are n/a on every sample are left out. With
+    `with_copy`, the copy baseline's figures too ("val_copy_psnr", ...): constant over training,
+    the line the model must cross.
+
+    The UNet is put in eval mode for the call and given back in the mode it was in.
+    """
+    import torch
+
+    from lftk.eval.evaluate import score
+
+    if not len(pairs):
+        return {}
+    picks = [pairs[i] for i in spread_indices(len(pairs), max_samples)]
+    device = str(getattr(pipe, "device", "cpu"))
+    settings = EvalSettings(resolution, prompt_template, steps, guidance, image_guidance, seed, batch_size, device)
+    methods = {MODEL_METHOD: PipelinePredictor(pipe, settings)}
+    if with_copy:
+        methods["copy"] = copy_predictor
+    unet = pipe.unet
+    was_training = unet.training
+    unet.eval()
+    try:
+        with torch.autocast(device_type="cuda", enabled=device.startswith("cuda")):
+            rows, _ = score(picks, methods, settings, quiet=True)
+    finally:
+        unet.train(was_training)
+    out: dict[str, float] = {}
+    for method in methods:
+        prefix = VAL_PREFIX + ("" if method == MODEL_METHOD else f"{method}_")
+        for key in VAL_KEYS:
+            values = [r["metrics"][method][key] for r in rows if r["metrics"][method][key] is not None]
+            if values:
+                out[prefix + key] = round(float(np.mean(values)), 6)
+    out[VAL_PREFIX + "n"] = len(rows)
+    return out
+
+
+class TensorBoardLog:
+    """Scalars to TensorBoard under RUN/tensorboard when the `tensorboard` package is installed;
+    otherwise a no-op that says so once (metrics.jsonl has every figure either way)."""
+
+    def __init__(self, run_root: Path | str):
+        self.writer = None
+        if importlib.util.find_spec("tensorboard") is None:
+            log.info("tensorboard is not installed: metrics go to metrics.jsonl only")
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(run_root) / "tensorboard"))
+
+    def log(self, step: int, scalars: dict) -> None:
+        if self.writer is None:
+            return
+        for key, value in scalars.items():
+            if isinstance(value, (int, float)) and key not in ("step", "time"):
+                tag = "val/" + key[len(VAL_PREFIX):] if key.startswith(VAL_PREFIX) else key
+                self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_val_metrics(rows: Sequence[dict], out: Path | str) -> Path | None:
+    """val_metrics.png from metrics.jsonl rows: the model's val figures against step, with the
+    copy baseline as a dashed line when it was logged. None when no row holds val figures."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from lftk.eval.scoring import COLUMN
+
+    panels = [k for k in ("psnr", "motion_psnr", "obj_err_px") if any(VAL_PREFIX + k in r for r in rows)]
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.2), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        pts = [(r["step"], r[VAL_PREFIX + key]) for r in rows if VAL_PREFIX + key in r]
+        ax.plot(*zip(*pts), "o-", lw=1.2, label="model")
+        copy = [(r["step"], r[f"{VAL_PREFIX}copy_{key}"]) for r in rows if f"{VAL_PREFIX}copy_{key}" in r]
+        if copy:
+            ax.plot(*zip(*copy), "--", lw=1, label="copy")
+        col = COLUMN[key]
+        ax.set_title(f"val {col.label} {'↑' if col.higher_is_better else '↓'}")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
