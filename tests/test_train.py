@@ -189,3 +189,10 @@ def test_perceptual_and_adversarial_terms(tmp_path, monkeypatch, capsys, tiny_pa
     assert code in (0, None)
     assert "perceptual term is off" in capsys.readouterr().err
     assert "perceptual" not in (run2 / "metrics.jsonl").read_text()
+
+
+def test_val_metrics_are_logged_beside_the_copy_baseline(trained_run):
+    rows = [json.loads(x) for x in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_loss" in r]
+    assert val and {"val_ssim", "val_psnr", "val_copy_psnr"} <= set(val[-1])
+    assert 0 < val[-1]["val_ssim"] <= 1

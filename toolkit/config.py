@@ -106,6 +106,9 @@ class TrainConfig(Strict):
     )
     log_every: int = Field(10, ge=1)
     val_every: Optional[int] = Field(None, ge=1, description="Steps between validation losses; null = at checkpoints.")
+    val_samples: int = Field(
+        8, ge=0, description="Val pairs predicted at each validation for SSIM/PSNR/motion/trajectory metrics; 0 = off."
+    )
     checkpoint_every: Optional[int] = Field(None, ge=1, description="Steps between checkpoints; null = end only.")
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
 

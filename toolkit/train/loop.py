@@ -132,6 +132,19 @@ def val_loss(unet, s: Setup, val_set: PairDataset | None, max_batches: int = 8) 
     return sum(losses) / len(losses)
 
 
+def _val_metrics(s: Setup, resolution: int) -> dict:
+    """The evaluation metrics on a fixed small val subset (lftk eval's code), with the copy baseline."""
+    t = s.recipe.train
+    if not t.val_samples or not s.val_pairs:
+        return {}
+    if t.zero_stage == 3:  # weights are sharded across ranks: rank 0 alone cannot run the pipeline
+        return {}
+    from lftk.eval.val import val_metrics
+
+    return val_metrics(s.pipe, s.val_pairs, resolution, s.recipe.data.prompt_template,
+                       max_samples=t.val_samples, seed=s.recipe.seed, with_copy=True)
+
+
 def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
     if s.rank != 0:
         return
@@ -231,7 +244,7 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
             if (t.val_every and step % t.val_every == 0) or at_checkpoint:
                 vl = val_loss(engine.module, s, s.datasets(t.resolution_at(step - 1, steps))[1])
                 if s.rank == 0 and vl is not None:
-                    s.run.log_metrics({"step": step, "val_loss": vl})
+                    s.run.log_metrics({"step": step, "val_loss": vl, **_val_metrics(s, t.resolution_at(step - 1, steps))})
             if at_checkpoint:
                 checkpoint.save(engine, s.run.checkpoints, step, s.rank, t.keep_checkpoints, aux)
     _save_final(engine, s, step, last)
