@@ -47,7 +47,7 @@ $(DEMO)/runs/demo/.done: $(DEMO)/data/pairs/.done $(DEMO)/models/tiny-base/.done
 
 $(DEMO)/eval/.done: $(DEMO)/runs/demo/.done
 	rm -rf $(DEMO)/eval
-	$(LFTK) eval $(DEMO)/runs/demo --data $(DEMO)/data/pairs --baselines copy --out $(DEMO)/eval
+	$(LFTK) eval $(DEMO)/runs/demo --data $(DEMO)/data/pairs --baselines copy,zero-shot,rollout --out $(DEMO)/eval
 	touch $@
 
 $(DEMO)/export/.done: $(DEMO)/runs/demo/.done
@@ -66,6 +66,7 @@ demo: $(DEMO)/eval/.done $(DEMO)/infer/.done
 	@echo
 	@echo "demo done:"
 	@echo "  report:  $(DEMO)/eval/report.md  (json: $(DEMO)/eval/report.json, grid: $(DEMO)/eval/grid.png)"
+	@echo "  eval figures: $(DEMO)/eval/horizon.png, rollout vs truth: $(DEMO)/eval/rollout.gif"
 	@echo "  rollout: $(DEMO)/infer/rollout.gif  (timing: $(DEMO)/infer/timing.json)"
 	@echo "  loss:    $(DEMO)/runs/demo/loss.png"
 	@cat $(DEMO)/eval/report.md

@@ -48,6 +48,12 @@ def _show(value: float | None, unit: str) -> str:
     return "n/a" if value is None else f"{value:.1f} {unit}"
 
 
+def _objects(m: dict) -> str:
+    if m["obj_missing"] == 1.0:
+        return "none shown"
+    return _show(m["obj_err_px"], "px")
+
+
 def write_grid(out: Path, shown: Sequence[dict], resolution: int) -> Path:
     rows = [[s["input"], s["truth"], s["prediction"], abs_diff(s["prediction"], s["truth"])] for s in shown]
     labels = []
@@ -55,7 +61,7 @@ def write_grid(out: Path, shown: Sequence[dict], resolution: int) -> Path:
         m = s["metrics"]
         labels.append(
             f"{s['name']}  PSNR {m['psnr']:.1f} dB, in motion {_show(m['motion_psnr'], 'dB')},"
-            f" objects {_show(m['obj_err_px'], 'px')}"
+            f" objects {_objects(m)}"
         )
     heads = ["input", "truth", "prediction (model)", f"|pred - truth| (0-{DIFF_FULL_SCALE})"]
     sheet = contact_sheet(rows, heads, labels, cell=_cell_size(resolution))
@@ -68,8 +74,12 @@ def write_rollout_gif(out: Path, rollout: RolloutResult, horizon: int | None, re
     """One GIF frame per step: the true frame beside the model's self-fed prediction."""
     frames = []
     for k, (truth, pred) in enumerate(rollout.strip):
-        when = "t" if k == 0 else f"t+{k}Δ" + (f" ({k * horizon} frames)" if horizon else "")
-        sheet = contact_sheet([[truth, pred]], ["truth", "model (self-fed)"], [f"{rollout.strip_name}  {when}"],
+        # PIL's default font has no Δ: frames ahead, and the step, in plain digits.
+        if k == 0:
+            when = "t"
+        else:
+            when = f"t+{k * horizon} (step {k})" if horizon else f"step {k}"
+        sheet = contact_sheet([[truth, pred]], ["truth", "model (self-fed)"], [f"{when}: {rollout.strip_name}"],
                               cell=_cell_size(resolution))
         frames.append(sheet.convert("P", palette=Image.ADAPTIVE))
     path = out / ROLLOUT_GIF

@@ -88,8 +88,9 @@ def cell(stat: dict, column: str) -> str:
     c = COLUMN[column]
     if stat["mean"] is None:
         return "n/a"
-    ci = f" [{c.show(stat['ci'][0])}, {c.show(stat['ci'][1])}]" if stat["ci"] else ""
-    return c.show(stat["mean"]) + ci
+    if stat["ci"]:
+        return f"{c.show(stat['mean'])} [{c.show(stat['ci'][0])}, {c.show(stat['ci'][1])}]"
+    return f"{c.show(stat['mean'])} (1 episode: no interval)" if stat["episodes"] == 1 else c.show(stat["mean"])
 
 
 def _head(column: str) -> str:
@@ -168,6 +169,9 @@ def render_markdown(report: dict) -> str:
         columns = _present(report["summary"], [c.name for c in COLUMNS if c.group == group])
         if columns:
             out += [f"## {title}", "", *_table(report["summary"], methods, columns), ""]
+            if group == "trajectory":
+                out += ["Object error averages the objects a method shows; `objects missing` is the share of "
+                        "the objects the truth shows that it does not show at all.", ""]
     if report["unavailable"]:
         out += ["Unavailable here:", *(f"- {k}: {v}" for k, v in report["unavailable"].items()), ""]
     key = _present(report["summary"], KEY_COLUMNS)
