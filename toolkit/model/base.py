@@ -95,7 +95,9 @@ def init_base(
 def load_pipeline(ref: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None):
     """Load an InstructPix2Pix pipeline from a local dir or a hub id; a clear error otherwise."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
+    from diffusers.utils import logging as diffusers_logging
 
+    diffusers_logging.disable_progress_bar()  # one bar per component buries lftk's own log lines
     ref = str(ref)
     local = Path(ref)
     if local.exists() and not (local / "model_index.json").is_file():
