@@ -196,3 +196,4 @@ def test_val_metrics_are_logged_beside_the_copy_baseline(trained_run):
     val = [r for r in rows if "val_loss" in r]
     assert val and {"val_ssim", "val_psnr", "val_copy_psnr"} <= set(val[-1])
     assert 0 < val[-1]["val_ssim"] <= 1
+    assert (trained_run / "val_metrics.png").is_file()

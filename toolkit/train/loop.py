@@ -93,7 +93,10 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
     )
     run = RunDir(recipe.output_dir)  # created only once the inputs are known to be good
     if rank == 0:
+        from lftk.eval.val import TensorBoardLog
+
         run.create(recipe, resume)
+        run.tensorboard = TensorBoardLog(run.root)
     return Setup(recipe, run, pipe, parts, train_pairs, val_pairs or None, rank, world)
 
 
@@ -249,6 +252,9 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
                 checkpoint.save(engine, s.run.checkpoints, step, s.rank, t.keep_checkpoints, aux)
     _save_final(engine, s, step, last)
     if s.rank == 0:
+        from lftk.eval.val import plot_val_metrics
+
         s.run.plot_loss()
+        plot_val_metrics(s.run.read_metrics(), s.run.root / "val_metrics.png")
         log.info("trained %d steps in %.0f s; final model: %s", step, time.perf_counter() - t0, s.run.final)
     return s.run

@@ -25,6 +25,7 @@ class RunDir:
         self.loss_png = self.root / "loss.png"
         self.checkpoints = self.root / "checkpoints"
         self.final = self.root / "final"
+        self.tensorboard = None  # lftk.eval.val.TensorBoardLog on rank 0 (a no-op without the package)
 
     def create(self, recipe: Recipe, resume: bool) -> None:
         """A fresh run refuses a dir that already holds one; --resume needs the same config
@@ -49,6 +50,8 @@ class RunDir:
     def log_metrics(self, row: dict) -> None:
         with self.metrics.open("a") as f:
             f.write(json.dumps({"time": round(time.time(), 3), **row}) + "\n")
+        if self.tensorboard is not None and "step" in row:
+            self.tensorboard.log(row["step"], row)
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics.exists():
