@@ -109,7 +109,18 @@ class TorchBackend(Backend):
             return self.modules[component](*tensors)
 
 
-class OrtBackend(Backend):
+class _ExportBackend(Backend):
+    """What every backend over an export dir reads from its verified manifest."""
+
+    def _adopt(self, manifest: dict) -> None:
+        self.manifest = manifest
+        self.pipeline_dir = self.export_dir / manifest.get("pipeline", PIPELINE_DIR)
+        self.resolution = int(manifest["resolution"])
+        self.scaling_factor = float(manifest["scaling_factor"])
+        self.graphs = {}
+
+
+class OrtBackend(_ExportBackend):
     """onnxruntime sessions over an export dir whose manifest checks out; refuses anything else."""
 
     name = "ort"
@@ -133,11 +144,7 @@ class OrtBackend(Backend):
                 f"{self.export_dir}: manifest lacks {', '.join(missing)}; {rebuild_hint(self.export_dir, manifest)}"
             )
         self.precision = _onnx_precision(self.export_dir, manifest, precision)
-        self.manifest = manifest
-        self.pipeline_dir = self.export_dir / manifest.get("pipeline", PIPELINE_DIR)
-        self.resolution = int(manifest["resolution"])
-        self.scaling_factor = float(manifest["scaling_factor"])
-        self.graphs = {}
+        self._adopt(manifest)
         for name in COMPONENTS:
             comp = manifest["components"][name]
             dtypes = {t["name"]: t["dtype"] for t in comp["inputs"]}
@@ -153,7 +160,7 @@ class OrtBackend(Backend):
         return self.graphs[component](*tensors)
 
 
-class TrtBackend(Backend):
+class TrtBackend(_ExportBackend):
     """TensorRT engines of an export dir, refused unless built for this TensorRT and GPU from the
     graphs the manifest lists now (`check_engines`). Needs a CUDA GPU and the tensorrt package."""
 
@@ -169,11 +176,7 @@ class TrtBackend(Backend):
         manifest = manifest if manifest is not None else verify_manifest(self.export_dir)
         self.precision = precision
         engines = check_engines(self.export_dir, manifest, precision, info["tensorrt"], info["compute_capability"])
-        self.manifest = manifest
-        self.pipeline_dir = self.export_dir / manifest.get("pipeline", PIPELINE_DIR)
-        self.resolution = int(manifest["resolution"])
-        self.scaling_factor = float(manifest["scaling_factor"])
-        self.graphs = {}
+        self._adopt(manifest)
         for name in COMPONENTS:
             comp = manifest["components"][name]
             path = self.export_dir / engines["components"][name]["files"][0]["path"]
