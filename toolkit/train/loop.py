@@ -20,7 +20,7 @@ from lftk.config import Recipe
 from lftk.errors import LftkError
 from lftk.model.base import load_pipeline, read_meta, write_meta
 from lftk.model.components import vae_scale_factor
-from lftk.data.pairset import PairSet
+from lftk.data.pairset import PairSet, read_summary
 from lftk.progress import progress_bar
 from lftk.train import checkpoint
 from lftk.train.data import PairDataset, make_loader
@@ -162,12 +162,7 @@ def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
     s.pipe.unet = unet
     s.pipe.save_pretrained(str(tmp))
     base_meta = read_meta(Path(s.recipe.model.base)) if Path(s.recipe.model.base).is_dir() else {}
-    pairs_meta = Path(s.recipe.data.path) / "pairs.json"
-    horizon = None
-    if pairs_meta.is_file():
-        import json
-
-        horizon = json.loads(pairs_meta.read_text()).get("horizon")
+    horizon = read_summary(s.recipe.data.path).get("horizon")
     write_meta(
         tmp,
         {
