@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -36,13 +37,17 @@ class Runner:
         scaling_factor: float,
         resolution: int,
         prompt_template: str = DEFAULT_TEMPLATE,
+        horizons: Sequence[int] = (),
     ):
         self.backend = backend
         self.tokenizer = tokenizer
         self.resolution = int(resolution)
         self.prompt_template = prompt_template
+        self.horizons = sorted(int(h) for h in horizons)  # frames ahead the model was trained on
         self.sampler = IP2PSampler(backend, scheduler, scaling_factor)
-        self._embeds: dict[str, torch.Tensor] = {}
+        self._embeds: dict[str, torch.Tensor] = {}  # prompt -> (77, D); "" -> the empty prompt's
+        # (predicted, current) uint8 frames -> post-processed frames; None = as the model made them
+        self.postprocess: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
 
     @classmethod
     def from_backend(cls, backend, scheduler: str = "euler_a") -> "Runner":
@@ -57,7 +62,9 @@ class Runner:
                 raise LftkError(f"{pipe_dir}: no {sub}/ dir: not a complete diffusers pipeline")
         tokenizer = CLIPTokenizer.from_pretrained(str(pipe_dir / "tokenizer"))
         config = _read_json(pipe_dir / "scheduler" / "scheduler_config.json")
-        template = read_meta(pipe_dir).get("prompt_template", DEFAULT_TEMPLATE)
+        meta = read_meta(pipe_dir)
+        template = meta.get("prompt_template") or DEFAULT_TEMPLATE
+        horizons = meta.get("horizons") or ([meta["horizon"]] if meta.get("horizon") else [])
         return cls(
             backend,
             tokenizer,
@@ -65,23 +72,40 @@ class Runner:
             backend.scaling_factor,
             backend.resolution,
             template,
+            horizons,
         )
 
-    def prompt(self, instruction: str) -> str:
-        try:
-            return self.prompt_template.format(instruction=instruction)
-        except (KeyError, IndexError) as exc:
-            raise LftkError(
-                f"prompt_template {self.prompt_template!r} (lftk_model.json) may only use {{instruction}}"
-            ) from exc
+    @property
+    def default_horizon(self) -> int | None:
+        """The offset a plain prediction is for: the horizon trained on (the largest, if several)."""
+        return max(self.horizons) if self.horizons else None
 
-    def _prompt_embeds(self, instruction: str) -> torch.Tensor:
-        prompt = self.prompt(instruction)
-        if prompt not in self._embeds:
-            if len(self._embeds) >= _EMBED_CACHE:
+    def prompt(self, instruction: str, horizon: int | None = None) -> str:
+        from lftk.data.pairset import format_prompt
+
+        if "{horizon}" not in self.prompt_template:
+            if horizon is not None and self.horizons and horizon not in self.horizons:
+                raise LftkError(
+                    f"this model predicts {self.horizons[0]} frames ahead only (its prompt template "
+                    f"{self.prompt_template!r} has no {{horizon}}); asked for {horizon}"
+                )
+            return format_prompt(self.prompt_template, instruction)
+        return format_prompt(self.prompt_template, instruction, horizon=self.default_horizon if horizon is None else horizon)
+
+    def _prompt_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """(T + 1, 77, D) for T prompts (+ the empty prompt last); one text-encoder call for the new ones."""
+        new = list(dict.fromkeys(p for p in prompts if p not in self._embeds))
+        if new:
+            if len(self._embeds) + len(new) > _EMBED_CACHE:
                 self._embeds.clear()
-            self._embeds[prompt] = self.sampler.encode_prompt(self.tokenizer, prompt)  # (2, 77, D)
-        return self._embeds[prompt]
+            encoded = self.sampler.encode_prompt(self.tokenizer, new)  # (N + 1, 77, D)
+            self._embeds.update({p: encoded[i] for i, p in enumerate(new)})
+            self._embeds[""] = encoded[-1]
+        if "" not in self._embeds:
+            self._embeds[""] = self.sampler.encode_prompt(self.tokenizer, [])[-1]
+        shared = len(set(prompts)) == 1  # T = 1: the sampler expands one row rather than stacking B copies
+        rows = [self._embeds[p] for p in (prompts[:1] if shared else prompts)]
+        return torch.stack(rows + [self._embeds[""]])
 
     def _check_frames(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
@@ -93,40 +117,57 @@ class Runner:
             )
         return images
 
+    def _per_frame(self, value, batch: int, name: str) -> list:
+        values = list(value) if isinstance(value, (list, tuple)) else [value] * batch
+        if len(values) != batch:
+            raise LftkError(f"{len(values)} {name} for {batch} frames: give one, or one per frame")
+        return values
+
     def denoise(
         self,
         images: np.ndarray,
-        instruction: str,
+        instruction: str | Sequence[str],
         steps: int = 20,
         guidance: float = 7.5,
         image_guidance: float = 1.5,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
+        horizon: int | None | Sequence[int | None] = None,
     ) -> torch.Tensor:
-        """(B, H, W, 3) uint8 -> (B, 4, h, w) denoised latents, before decoding (scaled like SD's)."""
+        """(B, H, W, 3) uint8 -> (B, 4, h, w) denoised latents, before decoding (scaled like SD's).
+
+        `instruction`, `seed`, `horizon`: one for all frames, or a list with one per frame. One seed
+        draws all frames' noise from one generator (diffusers' way); a list gives each frame its own, so
+        frame i comes out as it would alone: that is how separate requests share UNet calls.
+        """
         images = self._check_frames(images)
+        batch = images.shape[0]
+        instructions = self._per_frame(instruction, batch, "instructions")
+        horizons = self._per_frame(horizon, batch, "horizons")
+        prompts = [self.prompt(i, h) for i, h in zip(instructions, horizons)]
+        if isinstance(seed, (list, tuple)):
+            generator = [torch.Generator().manual_seed(int(s)) for s in self._per_frame(seed, batch, "seeds")]
+        else:
+            generator = torch.Generator().manual_seed(int(seed))
         with torch.inference_mode():
             return self.sampler.denoise(
-                images_to_model(images),
-                self._prompt_embeds(instruction),
-                steps,
-                guidance,
-                image_guidance,
-                torch.Generator().manual_seed(int(seed)),
+                images_to_model(images), self._prompt_embeds(prompts), steps, guidance, image_guidance, generator
             )
 
     def predict(
         self,
         images: np.ndarray,
-        instruction: str,
+        instruction: str | Sequence[str],
         steps: int = 20,
         guidance: float = 7.5,
         image_guidance: float = 1.5,
-        seed: int = 0,
+        seed: int | Sequence[int] = 0,
+        horizon: int | None | Sequence[int | None] = None,
     ) -> np.ndarray:
         """(B, H, W, 3) uint8 current frames -> (B, H, W, 3) uint8 future frames, one UNet call per step."""
-        latents = self.denoise(images, instruction, steps, guidance, image_guidance, seed)
+        latents = self.denoise(images, instruction, steps, guidance, image_guidance, seed, horizon)
         with torch.inference_mode():
-            return unit_to_uint8(model_to_unit(self.sampler.decode(latents)))
+            out = unit_to_uint8(model_to_unit(self.sampler.decode(latents)))
+        return self.postprocess(out, np.asarray(images)) if self.postprocess else out
 
     def rollout(
         self,
@@ -139,17 +180,70 @@ class Runner:
         seed: int = 0,
     ) -> list[np.ndarray]:
         """(H, W, 3) uint8 -> `frames` predictions, each made from the one before (uint8, as saved)."""
-        if frames < 1:
-            raise LftkError(f"frames must be >= 1, got {frames}")
-        current = np.asarray(image)[None]  # (1, H, W, 3)
-        # Each prediction goes back in as uint8, as saved to disk and as the model saw frames in
-        # training, rather than as a latent: frame k is then exactly predict(frame k-1, seed + k-1).
-        out = []
-        for k in range(frames):
-            current = self.predict(current, instruction, steps, guidance, image_guidance, seed + k)
-            out.append(current[0])
-            log.debug("rollout frame %d/%d", k + 1, frames)
+        return self.rollout_many(np.asarray(image)[None], [instruction], [frames], steps, guidance, image_guidance, [seed])[0]
+
+    def rollout_many(
+        self,
+        images: np.ndarray,
+        instructions: Sequence[str],
+        frames: Sequence[int],
+        steps: int = 20,
+        guidance: float = 7.5,
+        image_guidance: float = 1.5,
+        seeds: Sequence[int] | None = None,
+    ) -> list[list[np.ndarray]]:
+        """Rollouts of B start frames at once: (B, H, W, 3) uint8, one instruction, length and seed each
+        -> B lists of predictions. Step k runs the still-unfinished rollouts in one batch, so B rollouts
+        cost about max(frames) batched predictions, not sum(frames) single ones.
+
+        Frame k (1-based) of rollout i is exactly predict(its frame k-1, seed_i + k - 1) made alone:
+        each prediction goes back in as uint8, as saved to disk and as the model saw frames in
+        training, and each rollout draws from its own generator.
+        """
+        current = self._check_frames(images)
+        batch = current.shape[0]
+        frames = self._per_frame(frames, batch, "frame counts")
+        seeds = self._per_frame(list(seeds) if seeds is not None else 0, batch, "seeds")
+        instructions = self._per_frame(list(instructions), batch, "instructions")
+        if min(frames) < 1:
+            raise LftkError(f"frames must be >= 1, got {min(frames)}")
+        out: list[list[np.ndarray]] = [[] for _ in range(batch)]
+        for k in range(max(frames)):
+            active = [i for i in range(batch) if frames[i] > k]
+            pred = self.predict(
+                current[active], [instructions[i] for i in active], steps, guidance, image_guidance,
+                [seeds[i] + k for i in active],
+            )
+            for j, i in enumerate(active):
+                out[i].append(pred[j])
+            current = current.copy()
+            current[active] = pred
+            log.debug("rollout step %d/%d (%d frames)", k + 1, max(frames), len(active))
         return out
+
+    def sweep(
+        self,
+        image: np.ndarray,
+        instruction: str,
+        horizons: Sequence[int],
+        steps: int = 20,
+        guidance: float = 7.5,
+        image_guidance: float = 1.5,
+        seed: int = 0,
+    ) -> list[np.ndarray]:
+        """(H, W, 3) uint8 -> one prediction per horizon (frames ahead), all from this frame, in one batch.
+        Needs a model trained with `{horizon}` in its prompt template (several horizons per pair dir)."""
+        if "{horizon}" not in self.prompt_template:
+            raise LftkError(
+                f"sweep needs a horizon-conditioned model: this one's prompt template {self.prompt_template!r} "
+                "has no {horizon} (train on pairs made with several --horizon values and a template such as "
+                "\"Scene {horizon} frames after executing '{instruction}'\"); use --mode rollout"
+            )
+        if not horizons:
+            raise LftkError("sweep: no horizons given")
+        batch = np.repeat(np.asarray(image)[None], len(horizons), axis=0)
+        pred = self.predict(batch, instruction, steps, guidance, image_guidance, [seed] * len(horizons), list(horizons))
+        return list(pred)
 
 
 def _read_json(path: Path) -> dict:

@@ -22,6 +22,7 @@ from lftk.export.contract import CFG_BRANCHES, TEXT_SEQ_LEN
 SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",  # what InstructPix2Pix ships with
     "ddim": "DDIMScheduler",  # deterministic at eta=0: handy for comparing backends
+    "dpmpp": "DPMSolverMultistepScheduler",  # DPM-Solver++ (2nd order): good frames in ~10-20 steps
 }
 
 
@@ -47,7 +48,8 @@ def make_scheduler(config, kind: str = "euler_a"):
 
     if kind not in SCHEDULERS:
         raise LftkError(f"unknown scheduler '{kind}': choose one of {', '.join(SCHEDULERS)}")
-    return getattr(diffusers, SCHEDULERS[kind]).from_config(dict(config))
+    extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if kind == "dpmpp" else {}
+    return getattr(diffusers, SCHEDULERS[kind]).from_config({**dict(config), **extra})
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
@@ -95,9 +97,10 @@ class IP2PSampler:
         self.scheduler = scheduler  # a template: each call builds a fresh one (schedulers keep step state)
         self.scaling_factor = float(scaling_factor)
 
-    def encode_prompt(self, tokenizer, prompt: str) -> torch.Tensor:
-        """(2, 77, D): the instruction's embedding and the empty prompt's, in one text-encoder call."""
-        return self.nets.encode_text(tokenize(tokenizer, [prompt, ""]))
+    def encode_prompt(self, tokenizer, prompt: str | list[str]) -> torch.Tensor:
+        """(T + 1, 77, D): the embeddings of T prompts, then the empty prompt's, in one text-encoder call."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        return self.nets.encode_text(tokenize(tokenizer, prompts + [""]))
 
     def denoise(
         self,
@@ -106,11 +109,17 @@ class IP2PSampler:
         steps: int,
         guidance: float,
         image_guidance: float,
-        generator: torch.Generator | None,
+        generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None = None,
         eta: float = 0.0,
     ) -> torch.Tensor:
-        """(B, 3, H, W) frames in [-1, 1] + (2, 77, D) embeddings -> (B, 4, h, w) scaled latents."""
+        """(B, 3, H, W) frames in [-1, 1] + (T + 1, 77, D) embeddings -> (B, 4, h, w) scaled latents.
+
+        `prompt_embeds`: T = 1 text row shared by all frames, or T = B rows, one per frame; the last row
+        is the empty prompt's (what `encode_prompt` returns). `generator`: one for the whole batch, or a
+        list of B, one per frame (diffusers draws each frame's noise from its own): then a frame's output
+        does not depend on what else is in the batch, so requests can share UNet calls.
+        """
         from diffusers.utils.torch_utils import randn_tensor
 
         if steps < 1:
@@ -118,16 +127,21 @@ class IP2PSampler:
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(steps)
         batch = images.shape[0]
+        text, uncond = prompt_embeds[:-1], prompt_embeds[-1:]
+        if text.shape[0] not in (1, batch):
+            raise LftkError(f"{text.shape[0]} prompt embeddings for {batch} frames: give 1 or one per frame")
+        if isinstance(generator, list) and len(generator) != batch:
+            raise LftkError(f"{len(generator)} generators for {batch} frames: give 1 or one per frame")
         image_latents = self.nets.encode_image(images)  # (B, 4, h, w), unscaled: IP2P conditions on it as is
-        text, uncond = prompt_embeds[0:1], prompt_embeds[1:2]
+        text = text.expand(batch, -1, -1)  # (B, 77, D)
         cfg = uses_cfg(guidance, image_guidance)
         if cfg:
             # (3B, 77, D): text x B ‖ empty x B ‖ empty x B, branch-major like diffusers
-            embeds = torch.cat([e.expand(batch, -1, -1) for e in (text, uncond, uncond)])
+            embeds = torch.cat([text, uncond.expand(batch, -1, -1), uncond.expand(batch, -1, -1)])
             # (3B, 4, h, w): image ‖ image ‖ zeros -- the third branch drops the frame too
             cond = torch.cat([image_latents, image_latents, torch.zeros_like(image_latents)])
         else:
-            embeds, cond = text.expand(batch, -1, -1), image_latents
+            embeds, cond = text, image_latents
         branches = CFG_BRANCHES if cfg else 1
         if latents is None:
             latents = randn_tensor(tuple(image_latents.shape), generator=generator, dtype=image_latents.dtype)

@@ -125,11 +125,17 @@ def test_ort_and_torch_runners_agree(ort_runner, torch_runner, frame):
     assert psnr(*outs) >= 40.0
 
 
-def test_ddim_is_selectable_and_deterministic(ort_backend, frame):
-    runner = Runner.from_backend(ort_backend, scheduler="ddim")
-    assert type(runner.sampler.scheduler).__name__ == "DDIMScheduler"
+@pytest.mark.parametrize(
+    "kind, cls", [("ddim", "DDIMScheduler"), ("dpmpp", "DPMSolverMultistepScheduler"), ("euler_a", "EulerAncestralDiscreteScheduler")]
+)
+def test_schedulers_are_selectable_and_deterministic(ort_backend, frame, kind, cls):
+    runner = Runner.from_backend(ort_backend, scheduler=kind)
+    assert type(runner.sampler.scheduler).__name__ == cls
+    if kind == "dpmpp":
+        assert runner.sampler.scheduler.config.algorithm_type == "dpmsolver++"
     a = runner.predict(frame[None], "stack", steps=STEPS, seed=0)
     assert np.array_equal(a, runner.predict(frame[None], "stack", steps=STEPS, seed=0))
+    assert not np.array_equal(a, frame[None]), "the sampler left the frame as it was"
     with pytest.raises(LftkError, match="unknown scheduler"):
         Runner.from_backend(ort_backend, scheduler="plms")
 
@@ -149,7 +155,7 @@ def test_prompt_template(ort_runner, ort_backend):
     shared = (ort_backend, ort_runner.tokenizer, ort_runner.sampler.scheduler, 1.0, 64)
     runner = Runner(*shared, prompt_template="Scene after executing '{instruction}'")
     assert runner.prompt("stack") == "Scene after executing 'stack'"
-    with pytest.raises(LftkError, match="prompt_template"):
+    with pytest.raises(LftkError, match="template"):
         Runner(*shared, prompt_template="{task}").prompt("stack")
 
 
@@ -210,3 +216,27 @@ def test_deploy_runs_without_training_extras(tiny_export_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (tmp_path / "out" / "frame_001.png").is_file()
+
+
+def test_requests_batched_together_match_each_alone(ort_runner, frame, monkeypatch):
+    """rollout_many: several start frames, instructions, lengths and seeds share UNet calls, and each
+    rollout comes out as it does alone (per-frame generators), up to float noise of a bigger batch."""
+    runner = ort_runner
+    starts = np.stack([frame, frame[::-1], frame[:, ::-1]])
+    instructions = ["stack the blocks", "hand over the block", "stack the blocks"]
+    lengths, seeds = [2, 1, 3], [5, 6, 7]
+    calls = []
+    unet = runner.backend.unet
+    monkeypatch.setattr(runner.backend, "unet", lambda *t: calls.append(t[0].shape[0]) or unet(*t))
+    together = runner.rollout_many(starts, instructions, lengths, STEPS, seeds=seeds)
+    assert calls == [9] * STEPS + [6] * STEPS + [3] * STEPS  # 3 branches x the rollouts still running
+    assert [len(r) for r in together] == lengths
+    monkeypatch.undo()
+    for i in range(3):
+        alone = runner.rollout(starts[i], instructions[i], lengths[i], STEPS, seed=seeds[i])
+        for k, (a, b) in enumerate(zip(alone, together[i])):
+            assert psnr(a / 255.0, b / 255.0) >= 40.0, f"rollout {i} frame {k + 1} changed by batching"
+    other = runner.rollout_many(starts[:1], instructions[:1], [1], STEPS, seeds=[99])[0][0]
+    assert not np.array_equal(other, together[0][0]), "the seed did not reach the sampler"
+    with pytest.raises(LftkError, match="2 seeds for 3 frames"):
+        runner.rollout_many(starts, instructions, lengths, STEPS, seeds=[1, 2])
