@@ -74,9 +74,11 @@ def init_base(
     t0 = time.perf_counter()
     parts = build_components(preset, seed=seed)
     meta: dict = {"preset": preset, "seed": seed}
-    if preset == "tiny":
+    if preset == "tiny" and vae_steps == 0:
+        log.warning("tiny preset with --vae-steps 0: the VAE keeps its random weights (fine for timing and plumbing)")
+    elif preset == "tiny":
         if not frames:
-            raise LftkError("the tiny preset fits its VAE on frames: pass simulated episodes (--frames DIR)")
+            raise LftkError("the tiny preset fits its VAE on frames: pass simulated episodes (--frames DIR), or --vae-steps 0")
         from lftk.model.vae_fit import fit_vae
 
         stats = fit_vae(parts["vae"], frames, steps=vae_steps, resolution=vae_resolution, seed=seed)
