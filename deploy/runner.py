@@ -178,9 +178,13 @@ class Runner:
         guidance: float = 7.5,
         image_guidance: float = 1.5,
         seed: int = 0,
+        horizon: int | None = None,
     ) -> list[np.ndarray]:
-        """(H, W, 3) uint8 -> `frames` predictions, each made from the one before (uint8, as saved)."""
-        return self.rollout_many(np.asarray(image)[None], [instruction], [frames], steps, guidance, image_guidance, [seed])[0]
+        """(H, W, 3) uint8 -> `frames` predictions, each made from the one before (uint8, as saved).
+        `horizon`: the step Δ in frames, for a model trained on several (default: the largest)."""
+        return self.rollout_many(
+            np.asarray(image)[None], [instruction], [frames], steps, guidance, image_guidance, [seed], horizon
+        )[0]
 
     def rollout_many(
         self,
@@ -191,6 +195,7 @@ class Runner:
         guidance: float = 7.5,
         image_guidance: float = 1.5,
         seeds: Sequence[int] | None = None,
+        horizon: int | None = None,
     ) -> list[list[np.ndarray]]:
         """Rollouts of B start frames at once: (B, H, W, 3) uint8, one instruction, length and seed each
         -> B lists of predictions. Step k runs the still-unfinished rollouts in one batch, so B rollouts
@@ -212,7 +217,7 @@ class Runner:
             active = [i for i in range(batch) if frames[i] > k]
             pred = self.predict(
                 current[active], [instructions[i] for i in active], steps, guidance, image_guidance,
-                [seeds[i] + k for i in active],
+                [seeds[i] + k for i in active], horizon,
             )
             for j, i in enumerate(active):
                 out[i].append(pred[j])
@@ -220,6 +225,15 @@ class Runner:
             current[active] = pred
             log.debug("rollout step %d/%d (%d frames)", k + 1, max(frames), len(active))
         return out
+
+    def require_horizon_conditioned(self) -> None:
+        """LftkError unless the model states the horizon in its prompt (what a sweep needs)."""
+        if "{horizon}" not in self.prompt_template:
+            raise LftkError(
+                f"sweep needs a horizon-conditioned model: this one's prompt template {self.prompt_template!r} "
+                "has no {horizon} (train on pairs made with several --horizon values and a template such as "
+                "\"Scene {horizon} frames after executing '{instruction}'\"); use --mode rollout"
+            )
 
     def sweep(
         self,
@@ -233,12 +247,7 @@ class Runner:
     ) -> list[np.ndarray]:
         """(H, W, 3) uint8 -> one prediction per horizon (frames ahead), all from this frame, in one batch.
         Needs a model trained with `{horizon}` in its prompt template (several horizons per pair dir)."""
-        if "{horizon}" not in self.prompt_template:
-            raise LftkError(
-                f"sweep needs a horizon-conditioned model: this one's prompt template {self.prompt_template!r} "
-                "has no {horizon} (train on pairs made with several --horizon values and a template such as "
-                "\"Scene {horizon} frames after executing '{instruction}'\"); use --mode rollout"
-            )
+        self.require_horizon_conditioned()
         if not horizons:
             raise LftkError("sweep: no horizons given")
         batch = np.repeat(np.asarray(image)[None], len(horizons), axis=0)
