@@ -168,7 +168,7 @@ def init_base_cmd(
     out: Path = typer.Argument(..., help="Output pipeline dir."),
     preset: str = typer.Option("tiny", help="tiny (CPU, VAE fitted on --frames) | sd15 (full size, random weights)."),
     frames: Optional[Path] = typer.Option(None, help="Episodes dir whose frames fit the tiny VAE."),
-    vae_steps: int = typer.Option(400, min=0, help="VAE fitting steps (tiny)."),
+    vae_steps: int = typer.Option(400, min=0, help="VAE fitting steps (tiny); 0 keeps a random VAE, no --frames needed."),
     seed: int = typer.Option(0),
 ) -> None:
     """Build a base InstructPix2Pix pipeline from configs.
@@ -240,6 +240,9 @@ def eval_cmd(
     rollout_samples: int = typer.Option(8, min=1, help="Rollout baseline: samples rolled out."),
     batch_size: int = typer.Option(4, min=1, help="Samples per pipeline call."),
     seed: int = typer.Option(0),
+    postprocess: Optional[str] = typer.Option(
+        None, help="Also score the model's frames post-processed: color, sharpen or color,sharpen (one row per step and the chain)."
+    ),
     compare: Optional[tuple[str, str]] = typer.Option(
         None, "--compare", help="Compare two existing reports (report dirs or run dirs): A B. No model runs."
     ),
@@ -260,12 +263,14 @@ def eval_cmd(
         raise LftkError("lftk eval needs MODEL and --data DIR (or --compare REPORT_A REPORT_B)")
     from lftk.eval.evaluate import evaluate
     from lftk.eval.report import summary_text
+    from lftk.model.postprocess import parse_steps
 
     out = out or (Path(model) / "eval" if Path(model).is_dir() else Path("eval"))
     names = tuple(b.strip() for b in baselines.split(",") if b.strip())
     report = evaluate(
         model, data, out, split=split, steps=steps, seed=seed, max_samples=max_samples, baselines=names,
         batch_size=batch_size, rollout_steps=rollout_steps, rollout_samples=rollout_samples,
+        postprocess=parse_steps(postprocess),
     )
     typer.echo(summary_text(report))
     _done(f"report: {out / 'report.md'} (json: {out / 'report.json'}; figures: {', '.join(report['figures'])})")
@@ -309,29 +314,99 @@ def export_cmd(
 @app.command("infer")
 def infer_cmd(
     model: str = typer.Option(..., "--model", help="Export dir (ort/torch) or run/pipeline dir (torch)."),
-    image: Path = typer.Option(..., "--image", help="Current camera frame."),
-    instruction: str = typer.Option(..., "--instruction", help='e.g. "beat the block with the hammer"'),
+    image: Optional[Path] = typer.Option(None, "--image", help="Current camera frame (default with --episode: its --start-frame)."),
+    instruction: Optional[str] = typer.Option(
+        None, "--instruction", help='e.g. "beat the block with the hammer" (default with --episode: its instruction).'
+    ),
     backend: str = typer.Option("ort", help="torch | ort | trt"),
-    frames: int = typer.Option(15, min=1, help="Future frames to predict."),
-    mode: str = typer.Option("rollout", help="rollout (t+Δ, t+2Δ, ...) | sweep"),
+    frames: int = typer.Option(15, min=1, help="Rollout: future frames to predict, each from the one before."),
+    mode: str = typer.Option("rollout", help="rollout (t+Δ, t+2Δ, ...) | sweep (one frame per --horizon, one batch)."),
+    horizon: Optional[str] = typer.Option(
+        None, help="Frames ahead: rollout: the step Δ (default: the model's); sweep: a list, e.g. 25,50,100 (default: all trained)."
+    ),
     steps: int = typer.Option(20, min=1, help="Denoising steps per frame."),
-    seed: int = typer.Option(0),
+    seed: int = typer.Option(0, help="Same seed, same frames (on the same backend)."),
+    guidance: float = typer.Option(7.5, help="Text guidance scale."),
+    image_guidance: float = typer.Option(1.5, help="Image guidance scale."),
+    scheduler: str = typer.Option("euler_a", help="euler_a (InstructPix2Pix's) | ddim | dpmpp (DPM-Solver++)."),
+    postprocess: Optional[str] = typer.Option(None, help="color, sharpen or color,sharpen (off by default; README: Post-processing)."),
+    episode: Optional[Path] = typer.Option(None, help="Episode dir: start from its frame and write its true frames beside the predictions."),
+    start_frame: int = typer.Option(0, min=0, help="With --episode: the frame to start from."),
+    mp4: bool = typer.Option(False, "--mp4", help="Also write rollout.mp4 (needs PyAV)."),
     out: Path = typer.Option(Path("infer_out"), help="Output dir for frames, GIF and timing.json."),
     precision: Optional[str] = typer.Option(
         None, help="Graphs the export holds: ort fp32 (default) | fp16 | int8; trt engines fp16 (default) | int8."
     ),
 ) -> None:
-    """Predict future frames with a rollout.
+    """Predict future frames: a rollout, or a sweep of horizons from one frame.
 
     Example: lftk infer --model exports/demo --image frame.jpg --instruction "stack blocks" --frames 15
+    Example: lftk infer --model exports/demo --episode data/episodes/blocks_stack_easy/episode0 --frames 3
     """
     from lftk.deploy.infer import run_infer
 
     summary = run_infer(
         model, image, instruction, backend=backend, frames=frames, mode=mode, steps=steps, seed=seed, out=out,
-        precision=precision,
+        guidance=guidance, image_guidance=image_guidance, scheduler=scheduler, precision=precision,
+        horizons=_int_list(horizon, "--horizon"), postprocess=postprocess, episode=episode, start_frame=start_frame,
+        mp4=mp4,
     )
-    _done(f"{frames} frame(s) in {summary['total_seconds']:.2f} s -> {out} (gif: {out / 'rollout.gif'})")
+    _done(f"{summary['frames']} frame(s) in {summary['total_seconds']:.2f} s -> {out} (gif: {out / 'rollout.gif'})")
+
+
+def _int_list(text: Optional[str], option: str) -> Optional[list[int]]:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise LftkError(f"{option} {text!r}: expected whole numbers separated by commas, e.g. 25,50,100") from None
+    if not values or min(values) < 1:
+        raise LftkError(f"{option} {text!r}: expected positive whole numbers")
+    return values
+
+
+@app.command("serve")
+def serve_cmd(
+    model: str = typer.Option(..., "--model", help="Export dir (ort/trt) or run/pipeline dir (torch)."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; 0.0.0.0 for all interfaces (no authentication: mind who can reach it)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="TCP port (0: any free one, logged)."),
+    backend: str = typer.Option("ort", help="torch | ort | trt"),
+    precision: Optional[str] = typer.Option(
+        None, help="Graphs the export holds: ort fp32 (default) | fp16 | int8; trt engines fp16 (default) | int8."
+    ),
+    scheduler: str = typer.Option("euler_a", help="euler_a (InstructPix2Pix's) | ddim | dpmpp (DPM-Solver++)."),
+    max_batch: int = typer.Option(16, min=1, help="Most requests (start frames) batched into one runner call."),
+    batch_wait_ms: float = typer.Option(
+        10.0, min=0.0, help="How long an idle worker waits for more requests before it runs (latency vs batching)."
+    ),
+    max_queue: int = typer.Option(64, min=1, help="Requests waiting beyond this get 503 with Retry-After."),
+    max_upload_mb: float = typer.Option(10.0, min=0.001, help="Largest request body (413 above)."),
+    max_pixels: int = typer.Option(
+        4096 * 4096, min=1, help="Largest image, width x height, read from its header before decoding (413 above)."
+    ),
+    max_prompt_chars: int = typer.Option(500, min=1, help="Longest instruction (422 above)."),
+    max_frames: int = typer.Option(16, min=1, help="Longest rollout a request may ask for."),
+    max_steps: int = typer.Option(100, min=1, help="Most denoising steps a request may ask for."),
+) -> None:
+    """Serve predictions over HTTP: POST /predict (multipart image + instruction -> base64 PNG frames),
+    GET /healthz, GET /metrics (Prometheus). Concurrent requests share UNet calls. SIGTERM finishes
+    the accepted requests, then exits 0.
+
+    Example: lftk serve --model exports/demo --port 8000   (then: curl -F image=@frame.png -F instruction="stack blocks" -F frames=4 localhost:8000/predict)
+    """
+    from lftk.deploy.serve import run_server
+    from lftk.deploy.validate import Limits
+
+    limits = Limits(
+        max_upload_bytes=int(max_upload_mb * 2**20), max_pixels=max_pixels, max_prompt_chars=max_prompt_chars,
+        max_frames=max_frames, max_steps=max_steps,
+    )
+    run_server(
+        model, host=host, port=port, backend=backend, precision=precision, scheduler=scheduler, max_batch=max_batch,
+        batch_wait_ms=batch_wait_ms, max_queue=max_queue, limits=limits,
+    )
+    _done("serve: stopped")
 
 
 @app.command("bench")
