@@ -1,6 +1,7 @@
 """`lftk bench`: every backend and precision of one export, timed the same way, checked against torch.
 
-One row per (backend, precision): the torch modules (fp32, the reference), each ONNX precision the
+One row per (backend, precision): the torch modules (fp32, the reference; fp16 too on a CUDA machine;
+with `compile` a torch.compile row), each ONNX precision the
 manifest lists (`targets_in`) under onnxruntime, each TensorRT engine set. A row that cannot run
 here says why ("not available: TensorRT not installed") instead of vanishing. Per row:
 
@@ -127,13 +128,22 @@ def _cuda_peak_mb() -> float:
     return round(torch.cuda.max_memory_allocated() / 2**20, 1)
 
 
-def _cases(manifest: dict, backends: Sequence[str]) -> list[tuple[str, str]]:
-    """(backend, precision) rows in table order; trt gets a row even when the export has no engines."""
+def _cases(manifest: dict, backends: Sequence[str], compile: bool = False) -> list[tuple[str, str]]:
+    """(backend, precision) rows in table order; trt gets a row even when the export has no engines.
+    torch: fp32 eager (the reference), fp16 eager on a CUDA machine, and with `compile` a
+    "torch-compile" row at the precision a user would run it (fp16 on CUDA, fp32 on CPU)."""
+    import torch
+
     rows = []
     targets = targets_in(manifest)
+    cuda = torch.cuda.is_available()
     for backend in backends:
         if backend == "torch":
             rows.append(("torch", "fp32"))
+            if cuda:
+                rows.append(("torch", "fp16"))
+            if compile:
+                rows.append(("torch-compile", "fp16" if cuda else "fp32"))
         elif backend == "ort":
             rows += [("ort", t.precision.value) for t in targets if t.format == Format.ONNX]
         else:
@@ -166,10 +176,10 @@ def _ort_providers(precision: str) -> list[str]:
 
 
 def _open(export_dir: Path, manifest: dict, pipeline_dir: Path | None, backend: str, precision: str, threads: int) -> Backend:
-    if backend == "torch":
+    if backend in ("torch", "torch-compile"):
         if pipeline_dir is None:
             raise NotAvailableError("the export has no pipeline/ copy (the torch backend needs the diffusers weights)")
-        return TorchBackend(pipeline_dir)
+        return TorchBackend(pipeline_dir, precision=precision, compile=backend == "torch-compile")
     if backend == "ort":
         return OrtBackend(export_dir, _ort_providers(precision), threads=threads, precision=precision, manifest=manifest)
     missing = _trt_missing()
@@ -185,7 +195,7 @@ def _open(export_dir: Path, manifest: dict, pipeline_dir: Path | None, backend: 
 
 def _size_mb(export_dir: Path, manifest: dict, pipeline_dir: Path | None, backend: str, precision: str) -> float | None:
     """MB of the files the backend loads: the diffusers weights, the ONNX graphs, or the engines."""
-    if backend == "torch":
+    if backend in ("torch", "torch-compile"):
         if pipeline_dir is None:
             return None
         files = [p for c in COMPONENTS for p in _weights(pipeline_dir, c)]
@@ -275,6 +285,7 @@ def run_bench(
     seed: int = 0,
     scheduler: str = "euler_a",
     threads: int | None = None,
+    compile: bool = False,
 ) -> list[dict]:
     """One row per (backend, precision) of the export at MODEL; see the module docstring for the columns.
 
@@ -290,12 +301,14 @@ def run_bench(
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        return _run(model, backends, frames, steps, warmup, repeats, json_path, log_path, seed, scheduler, threads or 0)
+        return _run(
+            model, backends, frames, steps, warmup, repeats, json_path, log_path, seed, scheduler, threads or 0, compile
+        )
     finally:
         torch.set_num_threads(torch_threads)
 
 
-def _run(model, backends, frames, steps, warmup, repeats, json_path, log_path, seed, scheduler, threads) -> list[dict]:
+def _run(model, backends, frames, steps, warmup, repeats, json_path, log_path, seed, scheduler, threads, compile) -> list[dict]:
     import torch
 
     ref = resolve_model(model)
@@ -309,7 +322,7 @@ def _run(model, backends, frames, steps, warmup, repeats, json_path, log_path, s
     starts = _start_frames(resolution, frames)
     settings = {"frames": frames, "steps": steps, "warmup": warmup, "repeats": repeats, "seed": seed, "scheduler": scheduler,
                 "threads": {"torch": torch.get_num_threads(), "onnxruntime": threads or "default"}}
-    cases = sorted(_cases(manifest, backends), key=lambda c: c[0] != "torch")  # torch first: it is the reference
+    cases = sorted(_cases(manifest, backends, compile), key=lambda c: c != ("torch", "fp32"))  # the reference first
     want_baseline = any(p == "int8" for _, p in cases)
     reference, seed_baseline = None, None
 
@@ -326,19 +339,19 @@ def _run(model, backends, frames, steps, warmup, repeats, json_path, log_path, s
             row.update(timings, peak_mem_mb=rss.mb, providers=be.providers)
             if on_cuda:
                 row["peak_cuda_mem_mb"] = _cuda_peak_mb()
-            if backend == "torch":  # the reference: its batched frames are what the other rows are compared with
+            if (backend, precision) == ("torch", "fp32"):  # the reference: the other rows are compared with its frames
                 reference, seed_baseline = _reference(runner, starts, steps, seed, want_baseline, frames_out)
             elif reference is None and "torch" not in backends and ref.pipeline_dir is not None:
                 torch_runner = Runner.from_backend(TorchBackend(ref.pipeline_dir), scheduler)
                 reference, seed_baseline = _reference(torch_runner, starts, steps, seed, want_baseline)
                 torch_runner = None
-            if backend != "torch" and reference is not None:
+            if (backend, precision) != ("torch", "fp32") and reference is not None:
                 value = round(psnr(_to_unit(reference), _to_unit(frames_out)), 3)
                 minimum = round(_min_db(precision, seed_baseline), 3)
                 row.update(parity_psnr_db=value, parity_min_db=minimum)
                 if value < minimum:
                     row["status"] = f"parity failed ({value:.1f} < {minimum:.1f} dB)"
-            elif backend != "torch":
+            elif (backend, precision) != ("torch", "fp32"):
                 row["status"] = "ok (parity not checked: no torch weights in the export)"
         except NotAvailableError as exc:
             row["status"] = f"not available: {exc}"

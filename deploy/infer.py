@@ -31,14 +31,19 @@ GIF_MS_PER_FRAME = 250
 
 
 def open_backend(
-    model: str | Path, backend: str = "ort", providers: Sequence[str] | None = None, precision: str | None = None
+    model: str | Path,
+    backend: str = "ort",
+    providers: Sequence[str] | None = None,
+    precision: str | None = None,
+    compile: bool = False,
 ) -> Backend:
     """The backend for MODEL: ORT and TensorRT need an export dir; torch takes any model (an export's
-    pipeline/ copy). `precision`: ONNX graphs for ort (default fp32), engines for trt (default fp16)."""
+    pipeline/ copy). `precision`: ONNX graphs for ort (default fp32), engines for trt (default fp16),
+    torch weights (fp32, fp16 on CUDA, bf16). `compile`: torch.compile the torch backend."""
     if backend not in BACKENDS:
         raise LftkError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
-    if backend == "torch" and precision not in (None, "fp32"):
-        raise LftkError(f"the torch backend runs the fp32 weights; --precision {precision} is for --backend ort or trt")
+    if compile and backend != "torch":
+        raise LftkError(f"--compile is for --backend torch (the {backend} backend runs prebuilt graphs)")
     if backend == "trt":
         require_tensorrt()  # before the model is even looked at: the reason here is the machine
     ref = resolve_model(model)
@@ -53,7 +58,7 @@ def open_backend(
         return OrtBackend(ref.path, providers, precision=precision or "fp32")
     if ref.pipeline_dir is None:
         raise LftkError(f"{model}: export dir without its pipeline/ copy: the torch backend needs the diffusers weights")
-    return TorchBackend(ref.pipeline_dir)
+    return TorchBackend(ref.pipeline_dir, precision=precision or "fp32", compile=compile)
 
 
 def _write_outputs(out: Path, frames: list[np.ndarray], prefix: str = "frame") -> list[str]:
@@ -144,6 +149,7 @@ def run_infer(
     episode: Path | None = None,
     start_frame: int = 0,
     mp4: bool = False,
+    compile: bool = False,
 ) -> dict:
     """Predict future frames from IMAGE; returns (and writes to OUT/timing.json) the summary.
 
@@ -171,7 +177,7 @@ def run_infer(
     out = Path(out)
 
     t0 = time.perf_counter()
-    be = open_backend(model, backend, precision=precision)
+    be = open_backend(model, backend, precision=precision, compile=compile)
     runner = Runner.from_backend(be, scheduler)
     runner.postprocess = post
     current = load_rgb(image, runner.resolution)
@@ -203,6 +209,7 @@ def run_infer(
     timing = {
         "backend": be.name,
         "precision": getattr(be, "precision", "fp32"),
+        "compiled": compile,
         "providers": be.providers,
         "mode": mode,
         "model": str(model),

@@ -20,12 +20,14 @@ import numpy as np
 import torch
 
 from lftk.errors import LftkError
+from lftk.export.contract import TextEncoderContract
 from lftk.export.sampling import IP2PSampler, images_to_model, make_scheduler, model_to_unit, unit_to_uint8
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "{instruction}"
 _EMBED_CACHE = 16  # instructions kept encoded; a rollout reuses one
+_TEXT_BATCH = TextEncoderContract.batch_profile.max  # prompts per text-encoder call (TensorRT's profile)
 
 
 class Runner:
@@ -98,9 +100,11 @@ class Runner:
         if new:
             if len(self._embeds) + len(new) > _EMBED_CACHE:
                 self._embeds.clear()
-            encoded = self.sampler.encode_prompt(self.tokenizer, new)  # (N + 1, 77, D)
-            self._embeds.update({p: encoded[i] for i, p in enumerate(new)})
-            self._embeds[""] = encoded[-1]
+            for i in range(0, len(new), _TEXT_BATCH - 1):  # + the empty prompt: within the engines' profile
+                chunk = new[i : i + _TEXT_BATCH - 1]
+                encoded = self.sampler.encode_prompt(self.tokenizer, chunk)  # (len(chunk) + 1, 77, D)
+                self._embeds.update({p: encoded[j] for j, p in enumerate(chunk)})
+                self._embeds[""] = encoded[-1]
         if "" not in self._embeds:
             self._embeds[""] = self.sampler.encode_prompt(self.tokenizer, [])[-1]
         shared = len(set(prompts)) == 1  # T = 1: the sampler expands one row rather than stacking B copies

@@ -66,7 +66,7 @@ def images_to_model(images: np.ndarray) -> torch.Tensor:
 
 def model_to_unit(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) float32 in [0, 1]."""
-    return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().numpy()
+    return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
 
 
 def unit_to_uint8(images: np.ndarray) -> np.ndarray:
@@ -144,7 +144,9 @@ class IP2PSampler:
             embeds, cond = text, image_latents
         branches = CFG_BRANCHES if cfg else 1
         if latents is None:
-            latents = randn_tensor(tuple(image_latents.shape), generator=generator, dtype=image_latents.dtype)
+            latents = randn_tensor(
+                tuple(image_latents.shape), generator=generator, device=image_latents.device, dtype=image_latents.dtype
+            )
         latents = latents * scheduler.init_noise_sigma
         step_kwargs = _step_kwargs(scheduler, generator, eta)
         for t in scheduler.timesteps:

@@ -333,9 +333,12 @@ def infer_cmd(
     episode: Optional[Path] = typer.Option(None, help="Episode dir: start from its frame and write its true frames beside the predictions."),
     start_frame: int = typer.Option(0, min=0, help="With --episode: the frame to start from."),
     mp4: bool = typer.Option(False, "--mp4", help="Also write rollout.mp4 (needs PyAV)."),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch backend: torch.compile (CUDA graphs on GPU), channels-last; first call compiles (minutes)."
+    ),
     out: Path = typer.Option(Path("infer_out"), help="Output dir for frames, GIF and timing.json."),
     precision: Optional[str] = typer.Option(
-        None, help="Graphs the export holds: ort fp32 (default) | fp16 | int8; trt engines fp16 (default) | int8."
+        None, help="ort graphs: fp32 (default) | fp16 | int8; trt engines: fp16 (default) | int8; torch: fp32 | fp16 (GPU) | bf16."
     ),
 ) -> None:
     """Predict future frames: a rollout, or a sweep of horizons from one frame.
@@ -349,7 +352,7 @@ def infer_cmd(
         model, image, instruction, backend=backend, frames=frames, mode=mode, steps=steps, seed=seed, out=out,
         guidance=guidance, image_guidance=image_guidance, scheduler=scheduler, precision=precision,
         horizons=_int_list(horizon, "--horizon"), postprocess=postprocess, episode=episode, start_frame=start_frame,
-        mp4=mp4,
+        mp4=mp4, compile=compile,
     )
     _done(f"{summary['frames']} frame(s) in {summary['total_seconds']:.2f} s -> {out} (gif: {out / 'rollout.gif'})")
 
@@ -419,6 +422,9 @@ def bench_cmd(
     threads: Optional[int] = typer.Option(
         None, help="Intra-op threads for torch and onnxruntime alike (default: each library's choice; on a busy CPU try 1)."
     ),
+    compile: bool = typer.Option(
+        False, "--compile", help="Add a torch.compile row (fp16 + CUDA graphs on GPU); compiling takes minutes on CPU."
+    ),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the rows here as a JSON list."),
     log_path: Optional[Path] = typer.Option(
         None, "--log", help="Append the rows, with time, machine and versions, as a JSON line (e.g. bench/results/bench_log.jsonl)."
@@ -432,7 +438,8 @@ def bench_cmd(
 
     optional = {k: v for k, v in {"steps": steps, "repeats": repeats}.items() if v is not None}
     rows = run_bench(
-        model, backends.split(","), frames=frames, json_path=json_path, log_path=log_path, threads=threads, **optional
+        model, backends.split(","), frames=frames, json_path=json_path, log_path=log_path, threads=threads,
+        compile=compile, **optional,
     )
     typer.echo(format_table(rows))
     if json_path:
