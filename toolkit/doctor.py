@@ -15,6 +15,19 @@ def _version(dist: str) -> str | None:
         return None
 
 
+def _tensorrt() -> tuple[str | None, str | None]:
+    """(version, why it does not load). pip wheels are named tensorrt, tensorrt-cu12, tensorrt-cu13 ...,
+    and JetPack ships it as a Debian package with no pip metadata at all, so ask the module itself."""
+    if importlib.util.find_spec("tensorrt") is None:
+        return None, None
+    try:
+        import tensorrt
+
+        return str(tensorrt.__version__), None
+    except Exception as exc:  # a wheel without its CUDA libraries fails on import: say so, not "absent"
+        return None, f"installed but does not load ({type(exc).__name__}: {exc})"
+
+
 def _line(name: str, value: str) -> str:
     return f"  {name:<16} {value}"
 
@@ -41,7 +54,7 @@ def facts() -> dict:
         import onnxruntime as ort
 
         f["ort_providers"] = ort.get_available_providers()
-    f["tensorrt"] = _version("tensorrt") or _version("tensorrt-cu12")
+    f["tensorrt"], f["tensorrt_error"] = _tensorrt()
     f["g++"] = shutil.which("g++")
     return f
 
@@ -57,7 +70,7 @@ def report() -> str:
         _line("GPU", gpu),
     ]
     for dist in ("diffusers", "transformers", "deepspeed", "peft", "bitsandbytes", "onnx", "onnxruntime", "tensorrt", "pybullet"):
-        lines.append(_line(dist, f[dist] or "not installed"))
+        lines.append(_line(dist, f[dist] or (f["tensorrt_error"] if dist == "tensorrt" else None) or "not installed"))
     if f.get("ort_providers"):
         lines.append(_line("ort providers", ", ".join(f["ort_providers"])))
     lines.append(_line("g++ (DS ops)", f["g++"] or "missing: DeepSpeed cannot JIT-build its CPU ops"))
