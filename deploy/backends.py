@@ -194,7 +194,9 @@ class OrtBackend(_ExportBackend):
             comp = manifest["components"][name]
             dtypes = {t["name"]: t["dtype"] for t in comp["inputs"]}
             path = self.export_dir / component_files(manifest, name, self.precision)[0]["path"]
-            self.graphs[name] = OrtGraph(path, dtypes, comp["outputs"][0]["name"], providers or DEFAULT_PROVIDERS, threads)
+            self.graphs[name] = OrtGraph(
+                path, dtypes, comp["outputs"][0]["name"], providers or DEFAULT_PROVIDERS, threads, io_binding=True
+            )
         log.info("ort backend on %s (%s): %s", self.export_dir, self.precision, ", ".join(self.providers))
 
     @property
@@ -202,7 +204,10 @@ class OrtBackend(_ExportBackend):
         return self.graphs["unet"].providers
 
     def _call(self, component, *tensors):
-        return self.graphs[component](*tensors)
+        # The graph writes into its preallocated buffer; the caller gets its own copy (a device-side
+        # copy on GPU), since the runner keeps some outputs across calls (text embeddings, image latents,
+        # a multistep scheduler's past predictions).
+        return self.graphs[component](*tensors).clone()
 
 
 class TrtBackend(_ExportBackend):

@@ -240,3 +240,25 @@ def test_requests_batched_together_match_each_alone(ort_runner, frame, monkeypat
     assert not np.array_equal(other, together[0][0]), "the seed did not reach the sampler"
     with pytest.raises(LftkError, match="2 seeds for 3 frames"):
         runner.rollout_many(starts, instructions, lengths, STEPS, seeds=[1, 2])
+
+
+def test_io_binding_matches_a_plain_run_and_reuses_its_buffer(tiny_export_dir):
+    from lftk.export.ort_graph import OrtGraph
+
+    backend = OrtBackend(tiny_export_dir)
+    graph = backend.graphs["unet"]
+    assert graph.io_binding and graph.device.type == "cpu"
+    plain = OrtGraph(graph.path, graph.input_dtypes, graph.output_name)
+    gen = torch.Generator().manual_seed(0)
+    inputs = (torch.randn(3, 8, 16, 16, generator=gen), torch.full((3,), 500.0), torch.randn(3, 77, 32, generator=gen))
+    first = graph(*inputs)
+    assert torch.equal(first, plain(*inputs))
+    buffer = first.data_ptr()
+    other = (torch.randn(3, 8, 16, 16, generator=gen), inputs[1], inputs[2])
+    second = graph(*other)
+    assert second.data_ptr() == buffer and torch.equal(second, plain(*other))  # same shapes: same buffer
+    assert graph(*(t[:1] for t in inputs)).shape == (1, 4, 16, 16)  # a new shape gets its own buffer
+    # The backend hands out copies: a later call does not change what an earlier one returned.
+    a = backend.unet(*inputs)
+    backend.unet(*other)
+    assert torch.equal(a, plain(*inputs))
