@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from lftk.data.images import load_rgb
-from lftk.data.pairset import PairSet, format_prompt, split_names
+from lftk.data.pairset import PairSet, split_names
 from lftk.errors import LftkError
 from lftk.export.contract import ComponentContract
 from lftk.export.parity import ComponentNetworks
@@ -131,13 +131,14 @@ def gather(
     with torch.inference_mode():
         for k, pair in enumerate(chosen):
             frame = images_to_model(load_rgb(pair.current, resolution)[None])
-            embeds = sampler.encode_prompt(pipe.tokenizer, format_prompt(template, pair.instruction))
+            # The pair's own horizon: the prompt training gave this pair (pairs drawn from the model's horizons).
+            embeds = sampler.encode_prompt(pipe.tokenizer, pair.format(template))
             # The runner's default guidance, so the three CFG branches are the ones it will feed.
             sampler.denoise(frame, embeds, steps, 7.5, 1.5, torch.Generator().manual_seed(seed + k))
     for split_name in HELDOUT_SPLITS:
         if (Path(pair_dir) / split_name).is_dir() and len(held := PairSet(pair_dir, split_name)):
             pair = held[0]
-            calib.heldout = (load_rgb(pair.current, resolution)[None], format_prompt(template, pair.instruction), pair.name)
+            calib.heldout = (load_rgb(pair.current, resolution)[None], pair.format(template), pair.name)
             break
     log.debug("calibration: %d UNet calls from %d %s pairs of %s", len(calib.feeds), len(chosen), split, pair_dir)
     return calib

@@ -35,7 +35,7 @@ from lftk.model.resolve import ModelRef, resolve_model
 
 log = logging.getLogger("lftk.export")
 
-RUN_META_KEYS = ("base", "trainable", "lora", "merged_lora", "resolution", "horizon", "prompt_template", "preset")
+RUN_META_KEYS = ("base", "trainable", "lora", "merged_lora", "resolution", "horizon", "horizons", "prompt_template", "preset")
 
 
 def default_out(ref: ModelRef) -> Path:

@@ -131,10 +131,14 @@ def data_import(
 def data_pairs(
     episodes: Path = typer.Argument(..., help="Episodes dir (from `lftk data sim` or `lftk data import`)."),
     out: Path = typer.Argument(..., help="Output pair dir (InstructPix2Pix sample dirs per split)."),
-    horizon: int = typer.Option(100, min=1, help="Frames ahead: 100 = 10 s at 10 fps."),
+    horizon: str = typer.Option(
+        "100",
+        help="Frames ahead: 100 = 10 s at 10 fps. A comma list (25,50,100) draws one per pair among those that "
+        "fit its episode; then put {horizon} in data.prompt_template.",
+    ),
     stride: int = typer.Option(10, min=1, help="Frames between consecutive pairs of an episode."),
     split: str = typer.Option("0.8,0.1,0.1", help="train,val,test fractions, by episode."),
-    seed: int = typer.Option(0, help="Seeds the episode split."),
+    seed: int = typer.Option(0, help="Seeds the episode split and the per-pair horizon draw."),
 ) -> None:
     """Make (frame i, frame i+horizon) pairs, split by episode.
 

@@ -5,11 +5,19 @@ identical, so a frame-level split would leak test images into training. Within e
 episodes are shuffled with a seed derived from (seed, task), so adding a task leaves the other
 tasks' splits unchanged, and every task with >= 3 episodes lands in every split.
 
+Horizons: one (`--horizon 100`) or several (`--horizon 25,50,100`). With several, each start frame
+still gives one pair, whose horizon is drawn from the horizons that fit in its episode (i + h < the
+episode's length), with a random stream seeded by (seed, episode): the same seed gives the same
+pairs, and adding an episode leaves the others' draws unchanged. Start frames are those that fit
+the shortest horizon, so late frames of an episode draw only among the shorter horizons and an
+episode shorter than the longest horizon still gives pairs. prompt.json records each pair's own
+horizon; a template with `{horizon}` states it to the model (lftk.data.pairset.format_prompt).
+
 Output (written to a temp dir beside OUT, renamed at the end so OUT is complete or absent):
 
     OUT/pairs.json                       summary: counts, settings, which episode went where
     OUT/<split>/<task>__episode<k>__f<i:04d>/000000_0.jpg   current frame i
-                                          000000_1.jpg   future frame i + horizon
+                                          000000_1.jpg   future frame i + that pair's horizon
                                           prompt.json
 """
 
@@ -56,6 +64,34 @@ def parse_split(split: Sequence[float] | str) -> tuple[float, float, float]:
     if ratios[0] <= 0:
         raise LftkError(f"split {split!r}: the train ratio must be > 0")
     return ratios  # type: ignore[return-value]
+
+
+def parse_horizons(horizon: int | Sequence[int] | str) -> tuple[int, ...]:
+    """Sorted horizons from 100, [25, 50, 100] or "25,50,100"; each a whole number of frames >= 1, no repeats."""
+    if isinstance(horizon, str):
+        try:
+            values = [int(x) for x in horizon.split(",")]
+        except ValueError:
+            raise LftkError(f"--horizon {horizon!r}: expected frames ahead, one number or a comma list like 25,50,100") from None
+    elif isinstance(horizon, int):
+        values = [horizon]
+    else:
+        values = list(horizon)
+    if not values or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in values):
+        raise LftkError(f"horizon {horizon!r}: every horizon must be a whole number of frames >= 1")
+    if len(set(values)) != len(values):
+        raise LftkError(f"horizon {horizon!r}: a horizon is repeated (each is drawn with equal chance; list it once)")
+    return tuple(sorted(values))
+
+
+def draw_horizons(ep: Episode, horizons: Sequence[int], stride: int, seed: int) -> list[tuple[int, int]]:
+    """(start frame, horizon) pairs of one episode: starts fit the shortest horizon; each draws one
+    of the horizons that fit it, from a stream seeded by (seed, episode) alone."""
+    starts = pair_starts(ep.n_frames, min(horizons), stride)
+    if len(horizons) == 1:
+        return [(i, horizons[0]) for i in starts]
+    rng = random.Random(f"{seed}/horizon/{ep.key}")
+    return [(i, rng.choice([h for h in horizons if i + h < ep.n_frames])) for i in starts]
 
 
 def pair_starts(n_frames: int, horizon: int, stride: int) -> list[int]:
@@ -167,14 +203,18 @@ def _publish(tmp: Path, out: Path) -> None:
 def make_pairs(
     episodes_root: Path | str,
     out: Path | str,
-    horizon: int = 100,
+    horizon: int | Sequence[int] | str = 100,
     stride: int = 10,
     split: Sequence[float] | str = (0.8, 0.1, 0.1),
     seed: int = 0,
 ) -> dict:
-    """Write the pair dir OUT from the episodes under `episodes_root`; returns the pairs.json summary."""
-    if horizon < 1 or stride < 1:
-        raise LftkError(f"horizon ({horizon}) and stride ({stride}) must be >= 1")
+    """Write the pair dir OUT from the episodes under `episodes_root`; returns the pairs.json summary.
+
+    `horizon`: one horizon, or several (a list or "25,50,100") to draw one per pair (module doc)."""
+    horizons = parse_horizons(horizon)
+    if stride < 1:
+        raise LftkError(f"stride ({stride}) must be >= 1")
+    shortest = horizons[0]
     ratios = parse_split(split)
     out = Path(out)
     _check_out(out)
@@ -182,36 +222,41 @@ def make_pairs(
     skipped = [{"path": str(s.path), "reason": s.reason} for s in scan.skipped]
     usable = []
     for ep in scan.episodes:
-        if pair_starts(ep.n_frames, horizon, stride):
+        if pair_starts(ep.n_frames, shortest, stride):
             usable.append(ep)
         else:
-            reason = f"{ep.n_frames} frames: too short for horizon {horizon}"
+            reason = f"{ep.n_frames} frames: too short for horizon {shortest}"
             log.warning("%s: skipped: %s", ep.path, reason)
             skipped.append({"path": str(ep.path), "reason": reason})
     if not usable:
-        raise LftkError(f"{episodes_root}: no episode is longer than the horizon ({horizon} frames)")
+        raise LftkError(f"{episodes_root}: no episode is longer than the horizon ({shortest} frames)")
     splits = assign_splits(usable, ratios, seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     counts, per_task = {}, {}
+    per_horizon = {str(h): dict.fromkeys(SPLITS, 0) for h in horizons}
     try:
         for split_name, eps in splits.items():
             split_dir = tmp / split_name
             split_dir.mkdir()  # empty splits still get a dir: readers see "0 samples", not "missing"
             n_split = 0
             for ep in eps:
-                starts = pair_starts(ep.n_frames, horizon, stride)
-                for i in starts:
-                    _write_sample(ep, i, horizon, split_dir)
-                per_task.setdefault(ep.task, dict.fromkeys(SPLITS, 0))[split_name] += len(starts)
-                n_split += len(starts)
+                drawn = draw_horizons(ep, horizons, stride, seed)
+                for i, h in drawn:
+                    _write_sample(ep, i, h, split_dir)
+                    per_horizon[str(h)][split_name] += 1
+                per_task.setdefault(ep.task, dict.fromkeys(SPLITS, 0))[split_name] += len(drawn)
+                n_split += len(drawn)
             counts[split_name] = {"pairs": n_split, "episodes": len(eps)}
         summary = {
             "format": "lftk-pairs",
             "version": 1,
             "source": str(Path(episodes_root).resolve()),
-            "horizon": horizon,
+            # "horizon" only when there is one: a reader of it never mistakes a mix for one offset
+            **({"horizon": horizons[0]} if len(horizons) == 1 else {}),
+            "horizons": list(horizons),
+            "per_horizon": per_horizon,
             "stride": stride,
             "split_ratios": dict(zip(SPLITS, ratios)),
             "seed": seed,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import string
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence, overload
@@ -34,13 +35,48 @@ class Pair:
         # Imported pair dirs may lack a task; they count as one group.
         return str(self.prompt.get("task", "unknown"))
 
+    @property
+    def horizon(self) -> int | None:
+        """Frames between current and future frame; None for imported pairs that do not say."""
+        return self.prompt.get("horizon")
 
-def format_prompt(template: str, instruction: str) -> str:
-    """The text the model is conditioned on; the same rule at training and evaluation time."""
+    def format(self, template: str) -> str:
+        """This pair's prompt; an error names its prompt.json."""
+        return format_prompt(template, self.instruction, self.horizon, source=self.current.parent / PROMPT_NAME)
+
+
+PROMPT_FIELDS = ("instruction", "horizon")  # horizon: frames ahead, as prompt.json and pairs.json count them
+
+
+def template_fields(template: str) -> set[str]:
+    """The fields a prompt template uses; LftkError for a field not in PROMPT_FIELDS or bad braces."""
+    allowed = ", ".join(f"{{{f}}}" for f in PROMPT_FIELDS)
     try:
-        return template.format(instruction=instruction)
-    except (KeyError, IndexError, ValueError) as exc:
-        raise LftkError(f"prompt template {template!r}: only '{{instruction}}' may appear in braces ({exc})") from None
+        fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
+    except ValueError as exc:
+        raise LftkError(f"prompt template {template!r}: {exc} (write a literal brace as {{{{ or }}}})") from None
+    unknown = sorted(fields - set(PROMPT_FIELDS))
+    if unknown:
+        raise LftkError(f"prompt template {template!r}: unknown field(s) {unknown}; a template may use {allowed}")
+    return fields
+
+
+def format_prompt(template: str, instruction: str, horizon: int | None = None, *, source: object = None) -> str:
+    """The text the model is conditioned on; the same rule at training, evaluation and run time.
+
+    `horizon` (frames ahead) fills `{horizon}`; a template that uses it needs one. `source` (the
+    pair's prompt.json, or whatever the prompt came from) is named in that error."""
+    fields = template_fields(template)
+    if "horizon" in fields and horizon is None:
+        where = f"{source}" if source is not None else "this prompt"
+        raise LftkError(
+            f"prompt template {template!r} uses {{horizon}}, but {where} has no horizon "
+            "(make the pairs with `lftk data pairs`, which records one per pair)"
+        )
+    try:
+        return template.format(instruction=instruction, horizon=horizon)
+    except (KeyError, IndexError, ValueError) as exc:  # e.g. a format spec that does not fit the value
+        raise LftkError(f"prompt template {template!r}: {exc}") from None
 
 
 def read_summary(root: Path | str) -> dict:
@@ -72,14 +108,21 @@ def _read_pair(sample: Path) -> Pair:
         raise LftkError(f"{sample / PROMPT_NAME}: not valid JSON ({exc})") from None
     if not isinstance(prompt, dict) or not isinstance(prompt.get("instruction"), str):
         raise LftkError(f"{sample / PROMPT_NAME}: expected a JSON object with an 'instruction' string")
+    h = prompt.get("horizon")
+    if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
+        raise LftkError(f"{sample / PROMPT_NAME}: 'horizon' is {h!r}; expected frames ahead, a whole number >= 1 (or no key)")
     return Pair(sample.name, sample / CURRENT_NAME, sample / FUTURE_NAME, prompt)
+
+
+_NO_HORIZON = 0  # horizons are >= 1 (checked in _read_pair), so 0 marks "prompt.json has none"
 
 
 class PairSet(Sequence[Pair]):
     """The samples of `root/<split>`, sorted by name. A split dir that exists but is empty gives 0 samples.
 
     Every sample is validated at start-up, but only compact columns are kept (names as one bytes
-    array, instructions and tasks as indices into small tables): numpy arrays are shared by
+    array, instructions and tasks as indices into small tables, horizons as int32 with 0 for
+    "none"): numpy arrays are shared by
     DataLoader workers page for page, where a list of Python objects is copied into each worker
     as it is touched (refcounts), so memory stays flat with the dataset size. `pairs[i]` re-reads
     that sample's prompt.json for the full dict; training uses the column accessors instead.
@@ -94,7 +137,7 @@ class PairSet(Sequence[Pair]):
         if not self.split_dir.is_dir():
             have = ", ".join(split_names(self.root)) or "none"
             raise LftkError(f"{self.split_dir}: no split '{split}' in {self.root} (splits found: {have})")
-        names, instr, tasks = [], [], []
+        names, instr, tasks, horizons = [], [], [], []
         instructions: dict[str, int] = {}
         task_table: dict[str, int] = {}
         for entry in sorted(os.scandir(self.split_dir), key=lambda e: e.name):
@@ -104,9 +147,11 @@ class PairSet(Sequence[Pair]):
             names.append(pair.name.encode())
             instr.append(instructions.setdefault(pair.instruction, len(instructions)))
             tasks.append(task_table.setdefault(pair.task, len(task_table)))
+            horizons.append(pair.horizon or _NO_HORIZON)
         self._names = np.array(names, dtype=bytes) if names else np.zeros(0, dtype="S1")
         self._instr = np.array(instr, dtype=np.int32)
         self._task = np.array(tasks, dtype=np.int32)
+        self._horizon = np.array(horizons, dtype=np.int32)
         self._instructions = list(instructions)
         self._tasks = list(task_table)
 
@@ -124,6 +169,25 @@ class PairSet(Sequence[Pair]):
 
     def instruction(self, i: int) -> str:
         return self._instructions[self._instr[i]]
+
+    def horizon(self, i: int) -> int | None:
+        h = int(self._horizon[i])
+        return None if h == _NO_HORIZON else h
+
+    def horizons(self) -> list[int]:
+        """The distinct horizons of the split, sorted (pairs without one are not counted)."""
+        return [int(h) for h in np.unique(self._horizon) if h != _NO_HORIZON]
+
+    def without_horizon(self) -> list[int]:
+        """Indices of the pairs whose prompt.json gives no horizon."""
+        return np.flatnonzero(self._horizon == _NO_HORIZON).tolist()
+
+    def prompt_source(self, i: int) -> Path:
+        return self.split_dir / self.name(i) / PROMPT_NAME
+
+    def format(self, i: int, template: str) -> str:
+        """Pair i's prompt from the columns (no file read); an error names its prompt.json."""
+        return format_prompt(template, self.instruction(i), self.horizon(i), source=self.prompt_source(i))
 
     def names(self) -> list[str]:
         return [n.decode() for n in self._names]

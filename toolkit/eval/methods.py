@@ -43,7 +43,7 @@ class EvalSettings:
 class EvalItem:
     pair: Pair
     current: np.ndarray  # (R, R, 3) uint8, the model's input
-    prompt: str  # instruction after the prompt template
+    prompt: str  # instruction (and the pair's horizon) after the prompt template
     seed: int  # per-sample noise seed: the prediction does not depend on batch composition
 
 
@@ -56,15 +56,15 @@ def sample_seed(seed: int, name: str) -> int:
 
 
 def make_items(pairs: Sequence[Pair], settings: EvalSettings) -> list[EvalItem]:
-    """The model's view of each pair: current frame at the model's resolution, prompt, noise seed."""
+    """The model's view of each pair: current frame at the model's resolution, prompt (with the
+    pair's own horizon when the template states one), noise seed."""
     from lftk.data.images import load_rgb
-    from lftk.data.pairset import format_prompt
 
     return [
         EvalItem(
             pair=p,
             current=load_rgb(p.current, settings.resolution),
-            prompt=format_prompt(settings.prompt_template, p.instruction),
+            prompt=p.format(settings.prompt_template),
             seed=sample_seed(settings.seed, p.name),
         )
         for p in pairs

@@ -13,7 +13,39 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lftk.data.images import load_rgb
-from lftk.data.pairset import PairSet, format_prompt
+from lftk.data.pairset import PairSet, template_fields
+from lftk.errors import LftkError
+
+TEMPLATE_KEY = "data.prompt_template"
+
+
+def check_prompts(template: str, *pair_sets: PairSet | None) -> None:
+    """Fail at start, not in a loader worker hours in: the template must fit every pair.
+
+    Pairs of several horizons need `{horizon}` in the template: otherwise two pairs with the same
+    frame and instruction ask for different futures under one prompt, and the model cannot tell
+    the offsets apart. A template with `{horizon}` needs every pair to have one."""
+    sets = [ps for ps in pair_sets if ps is not None]
+    try:
+        fields = template_fields(template)
+    except LftkError as exc:
+        raise LftkError(f"{TEMPLATE_KEY}: {exc}") from None
+    horizons = sorted({h for ps in sets for h in ps.horizons()})
+    if len(horizons) > 1 and "horizon" not in fields:
+        where = ", ".join(str(ps.split_dir) for ps in sets)
+        raise LftkError(
+            f"{where}: the pairs have horizons {horizons} (frames ahead), but {TEMPLATE_KEY} {template!r} "
+            "does not state the horizon, so the model could not tell the offsets apart: put {horizon} in it, "
+            "e.g. data.prompt_template=\"Scene {horizon} frames after executing '{instruction}'\""
+        )
+    if "horizon" in fields:
+        for ps in sets:
+            missing = ps.without_horizon()
+            if missing:
+                raise LftkError(
+                    f"{ps.prompt_source(missing[0])}: no 'horizon', but {TEMPLATE_KEY} {template!r} uses {{horizon}} "
+                    f"({len(missing)} of {len(ps)} pairs in {ps.split_dir} have none)"
+                )
 
 
 class PairDataset(Dataset):
@@ -44,7 +76,7 @@ class PairDataset(Dataset):
         # (key, index): key is the sample's global position in the data stream (seeds its noise).
         key, i = key_index if isinstance(key_index, tuple) else (key_index, key_index)
         items = self.items
-        row = {"key": key, "input_ids": self.tokenize(format_prompt(self.template, items.instruction(i)))}
+        row = {"key": key, "input_ids": self.tokenize(items.format(i, self.template))}  # with pair i's horizon
         if self.latents is not None:
             if self.future_pixels:
                 row["future"] = self._pixels(items.future(i))
