@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
+
 from lftk.data.images import load_rgb
 from lftk.data.inspect import spread_indices
-from lftk.data.pairset import Pair, PairSet, format_prompt
+from lftk.data.pairset import Pair, PairSet, template_fields
 from lftk.errors import LftkError
 from lftk.eval.methods import (
     BASELINES,
@@ -32,6 +34,7 @@ from lftk.eval.methods import (
 from lftk.eval.metrics import PSNR_CAP_DB
 from lftk.eval.motion import MOTION_THRESHOLD, dilation_radius
 from lftk.eval.perceptual import load_lpips
+from lftk.model.postprocess import make_postprocess, parse_steps
 from lftk.eval.rollout import ROLLOUT_SAMPLES, run_rollout
 from lftk.eval.scoring import COLUMNS, add_errors, build_target, row_base, score_prediction
 
@@ -131,7 +134,7 @@ def _setup(model: str | Path, device: str, baselines: Sequence[str], **knobs):
         device=device,
         **knobs,
     )
-    format_prompt(settings.prompt_template, "x")  # a broken template fails here, not mid-run
+    template_fields(settings.prompt_template)  # a broken template fails here, not mid-run
     methods: dict[str, Predictor] = {MODEL_METHOD: PipelinePredictor(pipe, settings)}
     baseline_predictors, unavailable = make_baselines(baselines, settings, meta)
     methods.update(baseline_predictors)
@@ -139,6 +142,49 @@ def _setup(model: str | Path, device: str, baselines: Sequence[str], **knobs):
     if lpips is None:
         unavailable["lpips"] = why_not_lpips
     return ref, meta, settings, methods, unavailable, lpips
+
+
+def _check_horizons(pairs: Sequence[Pair], template: str, meta: dict) -> None:
+    """Before any scoring: every pair's prompt can be made (a template with {horizon} needs each
+    pair's horizon), and a warning when the pairs look further ahead than the model was trained to."""
+    for p in pairs:
+        p.format(template)
+    trained = meta.get("horizons") or ([meta["horizon"]] if meta.get("horizon") else [])
+    unseen = sorted({p.horizon for p in pairs if p.horizon is not None} - set(trained))
+    if trained and unseen:
+        log.warning("evaluating on horizon(s) %s the model was not trained on (trained: %s)", unseen, trained)
+
+
+class _Memo:
+    """The model's predictions of the batch just scored, kept so post-processed variants reuse them."""
+
+    def __init__(self, predict: Predictor):
+        self.predict = predict
+        self._last: tuple[list, list] | None = None
+
+    def __call__(self, items):
+        if self._last is None or self._last[0] != [id(it) for it in items]:
+            self._last = ([id(it) for it in items], self.predict(items))
+        return self._last[1]
+
+
+def with_postprocess(methods: dict[str, Predictor], steps: Sequence[str]) -> dict[str, Predictor]:
+    """`methods` plus "model+STEP" for each post-processing step and, with several, "model+A+B" for the
+    chain: the same predictions (sampled once), post-processed, so the table shows each step's effect."""
+    if not steps:
+        return methods
+    memo = _Memo(methods[MODEL_METHOD])
+    variants = [(s,) for s in steps] + ([tuple(steps)] if len(steps) > 1 else [])
+    out: dict[str, Predictor] = {MODEL_METHOD: memo}
+    for variant in variants:
+        fn = make_postprocess(variant)
+
+        def predict(items, fn=fn):
+            return list(fn(np.stack(memo(items)), np.stack([it.current for it in items])))
+
+        out["+".join((MODEL_METHOD, *variant))] = predict
+    out.update((k, v) for k, v in methods.items() if k != MODEL_METHOD)
+    return out
 
 
 def _check_args(steps: int, max_samples: int | None, batch_size: int, rollout_steps: int, rollout_samples: int) -> None:
@@ -181,6 +227,7 @@ def evaluate(
     device: str = "cpu",
     rollout_steps: int = 2,
     rollout_samples: int = ROLLOUT_SAMPLES,
+    postprocess: Sequence[str] = (),
 ) -> dict:
     """Evaluate MODEL on `data/<split>`; writes OUT/report.json, report.md and figures, returns the report.
 
@@ -193,6 +240,7 @@ def evaluate(
 
     _check_args(steps, max_samples, batch_size, rollout_steps, rollout_samples)
     names = check_baselines(baselines)  # before the model loads: a typo should cost nothing
+    post = parse_steps(postprocess)
     data, out = Path(data), Path(out)
     pairs = PairSet(data, split)
     if not len(pairs):
@@ -205,7 +253,9 @@ def evaluate(
         batch_size=batch_size,
     )
     model_predict = methods[MODEL_METHOD]
+    methods = with_postprocess(methods, post)
     load_s = time.perf_counter() - t0
+    _check_horizons(picks, settings.prompt_template, meta)
     log.info(
         "evaluating %s on %d samples of %s (%s) at %d px",
         ref.path, len(picks), data / split, ", ".join(methods), settings.resolution,
@@ -254,6 +304,7 @@ def evaluate(
             "batch_size": batch_size,
             "device": device,
             "baselines": names,
+            "postprocess": list(post),
             "rollout_steps": rollout_steps if "rollout" in names else None,
             "rollout_samples": rollout_samples if "rollout" in names else None,
             "motion_threshold": MOTION_THRESHOLD,
