@@ -57,6 +57,7 @@ class Job:
     guidance: float = 7.5
     image_guidance: float = 1.5
     seed: int = 0
+    horizon: int | None = None  # frames ahead per step; None: the model's own
     future: Future = field(default_factory=Future, repr=False)
     enqueued: float = field(default_factory=time.perf_counter, repr=False)
 
@@ -168,6 +169,7 @@ class Batcher:
                 first.guidance,
                 first.image_guidance,
                 [j.seed for j in jobs],
+                [j.horizon for j in jobs],
             )
         except Exception as exc:  # noqa: BLE001 - handed to every waiting caller; the worker lives on
             self.metrics.batch_done(len(jobs), time.perf_counter() - started)

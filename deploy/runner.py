@@ -199,9 +199,9 @@ class Runner:
         guidance: float = 7.5,
         image_guidance: float = 1.5,
         seeds: Sequence[int] | None = None,
-        horizon: int | None = None,
+        horizon: int | None | Sequence[int | None] = None,
     ) -> list[list[np.ndarray]]:
-        """Rollouts of B start frames at once: (B, H, W, 3) uint8, one instruction, length and seed each
+        """Rollouts of B start frames at once: (B, H, W, 3) uint8, one instruction, length, seed (and horizon) each
         -> B lists of predictions. Step k runs the still-unfinished rollouts in one batch, so B rollouts
         cost about max(frames) batched predictions, not sum(frames) single ones.
 
@@ -214,6 +214,7 @@ class Runner:
         frames = self._per_frame(frames, batch, "frame counts")
         seeds = self._per_frame(list(seeds) if seeds is not None else 0, batch, "seeds")
         instructions = self._per_frame(list(instructions), batch, "instructions")
+        horizons = self._per_frame(horizon, batch, "horizons")  # each rollout's step Δ (None: the model's)
         if min(frames) < 1:
             raise LftkError(f"frames must be >= 1, got {min(frames)}")
         out: list[list[np.ndarray]] = [[] for _ in range(batch)]
@@ -221,7 +222,7 @@ class Runner:
             active = [i for i in range(batch) if frames[i] > k]
             pred = self.predict(
                 current[active], [instructions[i] for i in active], steps, guidance, image_guidance,
-                [seeds[i] + k for i in active], horizon,
+                [seeds[i] + k for i in active], [horizons[i] for i in active],
             )
             for j, i in enumerate(active):
                 out[i].append(pred[j])

@@ -67,6 +67,30 @@ def require_serve_extra() -> None:
         )
 
 
+def _prompt_checker(batcher: Batcher):
+    """Refuse (422) before queueing what the model's prompt cannot state, e.g. a horizon a fixed-horizon
+    model was not trained on, so one bad request never fails a batch it would share. Formatting a
+    prompt only reads the runner's template: safe outside the worker thread."""
+
+    runner = batcher.runner
+
+    def check(params) -> None:
+        if not hasattr(runner, "prompt"):
+            return
+        template = getattr(runner, "prompt_template", "")
+        if params.horizon is not None and "{horizon}" not in template and params.horizon not in (runner.horizons or []):
+            trained = f"{runner.horizons[0]} frames" if runner.horizons else "an offset it does not record"
+            raise InputError(
+                422, "horizon", f"{params.horizon}: this model predicts a fixed offset ({trained}); leave horizon out"
+            )
+        try:
+            runner.prompt(params.instruction, params.horizon)
+        except LftkError as exc:
+            raise InputError(422, "horizon" if params.horizon is not None else "instruction", str(exc)) from None
+
+    return check
+
+
 def create_app(batcher: Batcher, limits: Limits, info: dict):
     """The ASGI app over a running batcher. `info` (model, backend, resolution, ...) is what /healthz shows;
     its "resolution" is the size images are decoded to. Closing the app's lifespan closes the batcher."""
@@ -82,6 +106,7 @@ def create_app(batcher: Batcher, limits: Limits, info: dict):
 
     metrics = batcher.metrics
     resolution = int(info["resolution"])
+    check_prompt = _prompt_checker(batcher)
 
     async def healthz(request: Request):
         return JSONResponse({"status": "ok", **info, "queue_depth": batcher.depth})
@@ -96,7 +121,11 @@ def create_app(batcher: Batcher, limits: Limits, info: dict):
         try:
             params, image_bytes = await _read_request(request, limits)
             image = await run_in_threadpool(decode_image, image_bytes, resolution, limits.max_pixels)
-            job = Job(image, params.instruction, params.frames, params.steps, params.guidance, params.image_guidance, params.seed)
+            check_prompt(params)
+            job = Job(
+                image, params.instruction, params.frames, params.steps, params.guidance, params.image_guidance,
+                params.seed, params.horizon,
+            )
             future = batcher.submit(job)
             result: Result = await asyncio.wrap_future(future)
             encoded = await run_in_threadpool(lambda: [_png_base64(f) for f in result.frames])

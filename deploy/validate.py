@@ -30,7 +30,8 @@ MAX_SEED = 2**32 - 1
 MAX_GUIDANCE = 50.0  # well past any useful scale; stops inf/1e30 from reaching the sampler
 
 FILE_FIELDS = ("image",)
-TEXT_FIELDS = ("instruction", "frames", "steps", "seed", "guidance", "image_guidance")
+TEXT_FIELDS = ("instruction", "frames", "steps", "seed", "guidance", "image_guidance", "horizon")
+MAX_HORIZON = 100_000  # frames ahead; what a model accepts is checked against its prompt template
 
 
 class InputError(LftkError):
@@ -68,6 +69,7 @@ class Params:
     seed: int = 0
     guidance: float = 7.5
     image_guidance: float = 1.5
+    horizon: int | None = None  # frames ahead per step (a horizon-conditioned model); None: the model's
 
 
 def parse_params(items: Iterable[tuple[str, str]], limits: Limits) -> Params:
@@ -96,10 +98,11 @@ def parse_params(items: Iterable[tuple[str, str]], limits: Limits) -> Params:
         seed=_int(values, "seed", defaults.seed, 0, MAX_SEED, None),
         guidance=_float(values, "guidance", defaults.guidance),
         image_guidance=_float(values, "image_guidance", defaults.image_guidance),
+        horizon=_int(values, "horizon", None, 1, MAX_HORIZON, None),
     )
 
 
-def _int(values: dict[str, str], name: str, default: int, lo: int, hi: int, option: str | None) -> int:
+def _int(values: dict[str, str], name: str, default: int | None, lo: int, hi: int, option: str | None) -> int | None:
     if name not in values:
         return default
     text = values[name].strip()

@@ -169,7 +169,8 @@ def test_predict_returns_the_runners_frames(server, runner, tmp_path):
     assert status == 200, out
     got = _frames(out)
     assert len(got) == 3
-    assert out["params"] == {"instruction": "stack blocks", "frames": 3, "steps": 2, "seed": 7, "guidance": 7.5, "image_guidance": 1.5}
+    assert out["params"] == {"instruction": "stack blocks", "frames": 3, "steps": 2, "seed": 7, "guidance": 7.5,
+                             "image_guidance": 1.5, "horizon": None}
     assert out["resolution"] == RES and out["timing"]["batch_size"] >= 1 and out["timing"]["compute_ms"] > 0
     (tmp_path / "f.png").write_bytes(png)
     want = runner.rollout(load_rgb(tmp_path / "f.png", RES), "stack blocks", 3, steps=2, seed=7)
@@ -203,6 +204,9 @@ def _bad_requests() -> list:
         ("negative seed", {**ok, "seed": -1}, png, 422, "seed", "out of range"),
         ("guidance inf", {**ok, "guidance": "inf"}, png, 422, "guidance", "out of range"),
         ("unknown field", {**ok, "frame": 2}, png, 422, "frame", "unknown field"),
+        ("horizon not a number", {**ok, "horizon": "soon"}, png, 422, "horizon", "not an integer"),
+        # The tiny model's prompt has no {horizon}: it cannot be asked for another offset.
+        ("horizon of a fixed-offset model", {**ok, "horizon": 50}, png, 422, "horizon", "fixed offset"),
     ]
 
 
@@ -312,8 +316,8 @@ class ScriptedRunner:
         self.entered = threading.Event()
         self.fail_on = fail_on
 
-    def rollout_many(self, images, instructions, frames, steps, guidance, image_guidance, seeds):
-        self.calls.append({"n": len(images), "steps": steps, "instructions": list(instructions)})
+    def rollout_many(self, images, instructions, frames, steps, guidance, image_guidance, seeds, horizons=None):
+        self.calls.append({"n": len(images), "steps": steps, "instructions": list(instructions), "horizons": horizons})
         self.entered.set()
         assert self.gate.wait(30)
         if self.fail_on in instructions:
