@@ -3,10 +3,12 @@ loaders read. Idempotent (litgpt's merge_lora): a dir without adapters is alread
 merging it again is a success that says so, not an error.
 
 A LoRA run's final/ holds both the adapters (final/lora/pytorch_lora_weights.safetensors, saved
-with their alpha/rank metadata) and a UNet merged at the end of training. The merge rebuilds the
-merged weights from their sources (the base named in final/lftk_model.json plus the adapters)
-through diffusers' own loader, and checks the result against final/'s UNet: a base that changed
-since training, or adapters saved without their scale, show up here as a difference.
+with their alpha/rank metadata, and, when the VAE encoder trained too, final/lora/vae_encoder/ in
+peft's format) and a UNet (and VAE) merged at the end of training. The merge rebuilds the merged
+weights from their sources (the base named in final/lftk_model.json plus the adapters) through
+stock loaders (diffusers' load_lora_weights, peft's PeftModel), and checks the result against
+final/'s UNet and VAE: a base that changed since training, or adapters saved without their scale,
+show up here as a difference.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from lftk.errors import LftkError
 from lftk.model.base import LFTK_META, load_pipeline, read_meta, write_meta
 from lftk.model.resolve import resolve_model
+from lftk.train.lora import VAE_ADAPTER_DIR  # lora/vae_encoder/: the VAE-encoder adapter, peft format
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +38,7 @@ class MergeResult:
     pipeline_dir: Path  # the merged pipeline: `out`, or the input itself when it had nothing to merge
     merged: bool  # False: already merged (no adapters), nothing written
     message: str
-    max_abs_diff: float | None = None  # fused UNet vs the source's merged UNet
+    max_abs_diff: float | None = None  # fused UNet (and VAE) vs the source's merged ones
 
 
 def adapters_of(pipeline_dir: Path) -> Path | None:
@@ -61,11 +64,23 @@ def _base_dir(base: str, pipeline_dir: Path) -> str:
     )
 
 
-def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+def _max_abs_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str = "UNet") -> float:
     if a.keys() != b.keys():
         only = sorted(a.keys() ^ b.keys())[:3]
-        raise LftkError(f"merged UNet and final UNet have different parameters (e.g. {only})")
+        raise LftkError(f"merged {what} and final {what} have different parameters (e.g. {only})")
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
+def _merge_vae_adapter(pipe, adapter_dir: Path) -> None:
+    """Fold a peft VAE-encoder adapter into pipe.vae the way stock peft loads it."""
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise LftkError(f"{adapter_dir}: merging the VAE-encoder adapter needs peft: pip install 'lftk[train]'") from exc
+    try:
+        pipe.vae = PeftModel.from_pretrained(pipe.vae, str(adapter_dir)).merge_and_unload()
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise LftkError(f"{adapter_dir}: VAE adapter does not fit the base VAE: {exc}") from exc
 
 
 def merge_run(model: str | Path, out: str | Path, atol: float = MERGE_ATOL) -> MergeResult:
@@ -97,12 +112,20 @@ def merge_run(model: str | Path, out: str | Path, atol: float = MERGE_ATOL) -> M
         raise LftkError(f"{weights}: adapters do not fit base {base}: {exc}") from exc
     pipe.fuse_lora()
     pipe.unload_lora_weights()
-    diff = _max_abs_diff(pipe.unet.state_dict(), load_pipeline(src).unet.state_dict())
-    if not diff <= atol:  # NaN fails too
-        raise LftkError(
-            f"base {base} + adapters {weights} differ from {src}'s merged UNet by {diff:.3g} (> {atol:g}): "
-            "the base changed since training, or the adapters lack their alpha/rank metadata"
-        )
+    vae_adapter = weights.parent / VAE_ADAPTER_DIR
+    if vae_adapter.is_dir():
+        _merge_vae_adapter(pipe, vae_adapter)
+    final = load_pipeline(src)
+    diffs = {"UNet": _max_abs_diff(pipe.unet.state_dict(), final.unet.state_dict())}
+    if vae_adapter.is_dir():
+        diffs["VAE"] = _max_abs_diff(pipe.vae.state_dict(), final.vae.state_dict(), "VAE")
+    for what, d in diffs.items():
+        if not d <= atol:  # NaN fails too
+            raise LftkError(
+                f"base {base} + adapters {weights.parent} differ from {src}'s merged {what} by {d:.3g} (> {atol:g}): "
+                "the base changed since training, or the adapters lack their alpha/rank metadata"
+            )
+    diff = max(diffs.values())
 
     out = Path(out)
     if out.resolve() == src.resolve():
@@ -112,12 +135,15 @@ def merge_run(model: str | Path, out: str | Path, atol: float = MERGE_ATOL) -> M
     try:
         pipe.save_pretrained(str(tmp))
         # What training knew (resolution, horizon, prompt template, LoRA settings) travels along.
-        write_meta(tmp, {**meta, "merged_lora": {"adapters": str(weights), "base": base, "max_abs_diff_vs_source": diff}})
+        merged_lora = {"adapters": str(weights), "base": base, "max_abs_diff_vs_source": diff}
+        if vae_adapter.is_dir():
+            merged_lora["vae_adapter"] = str(vae_adapter)
+        write_meta(tmp, {**meta, "merged_lora": merged_lora})
         if out.exists():
             shutil.rmtree(out)
         tmp.replace(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    msg = f"merged {LORA_DIR}/ adapters into base {base} -> {out} (max abs diff vs {src.name}/ UNet {diff:.1e})"
+    msg = f"merged {LORA_DIR}/ adapters into base {base} -> {out} (max abs diff vs {src.name}/ {' and '.join(diffs)} {diff:.1e})"
     log.debug(msg)
     return MergeResult(out, True, msg, diff)

@@ -88,9 +88,13 @@ def test_lora_run_saves_merged_model_and_loadable_adapters(tmp_path, monkeypatch
         monkeypatch, f"output_dir={run}", f"data.path={tiny_pairs_dir}", f"model.base={tiny_pipeline_dir}",
         "max_steps=3", "train.batch_size=2", "train.trainable=lora", "train.lora.rank=4", "train.lora.alpha=8",
         "train.lr=1e-2", "train.warmup_steps=0",
+        # A second UNet part at another rank and scale: one adapter, per-module ranks in its saved peft config.
+        "train.lora.parts={self_attn: {component: unet, targets: [attn1.to_q, attn1.to_v], rank: 2, alpha: 6}}",
     )
     assert code in (0, None)
     assert (run / "final" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    parts = json.loads((run / "final" / "lftk_model.json").read_text())["lora"]["resolved_parts"]
+    assert {k: (v["rank"], v["alpha"], v["modules"]) for k, v in parts.items()} == {"default": (4, 8.0, 16), "self_attn": (2, 6.0, 8)}
     merged = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(run / "final"), safety_checker=None)
     base = StableDiffusionInstructPix2PixPipeline.from_pretrained(str(tiny_pipeline_dir), safety_checker=None)
     x, t, e = torch.randn(1, 8, 16, 16), torch.tensor([500]), torch.randn(1, 77, 32)
@@ -102,6 +106,9 @@ def test_lora_run_saves_merged_model_and_loadable_adapters(tmp_path, monkeypatch
     assert (merged_out - plain).abs().max() > 1e-4, "the adapters learned nothing"
     # Stock diffusers loading of the adapters (alpha/r scaling from the saved metadata) equals the merge.
     assert torch.allclose(adapted, merged_out, atol=1e-4)
+    loaded = {".".join(name.split(".")[-2:]): {(r, m.scaling[a]) for a, r in m.r.items()}
+              for name, m in base.unet.named_modules() if isinstance(getattr(m, "r", None), dict)}
+    assert loaded["attn1.to_q"] == {(2, 3.0)} and loaded["attn2.to_q"] == {(4, 2.0)}, loaded  # rank, alpha/rank
 
 
 def test_latent_cache_trains_the_same_model_and_is_reused(tmp_path, monkeypatch, tiny_pairs_dir, tiny_pipeline_dir):

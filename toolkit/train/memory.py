@@ -16,6 +16,7 @@ import torch
 
 from lftk.config import Recipe
 from lftk.model.components import IP2P_IN_CHANNELS, preset_spec
+from lftk.train.lora_parts import assign, lora_param_count
 
 GIB = 2**30
 # CUDA context, cuDNN/cuBLAS workspaces and allocator fragmentation: a stated allowance, not a measurement.
@@ -56,30 +57,28 @@ def _meta_models(unet_cfg: dict, vae_cfg: dict, text_cfg: dict):
     return unet, vae, text
 
 
-def _lora_params(unet, recipe: Recipe) -> int:
-    r = recipe.train.lora.rank
-    total = 0
-    for name, mod in unet.named_modules():
-        if isinstance(mod, torch.nn.Linear) and any(name == t or name.endswith("." + t) for t in recipe.train.lora.targets):
-            total += r * (mod.in_features + mod.out_features)
-    return total
+def _lora_layers(model, recipe: Recipe, component: str) -> dict:
+    """The layers the recipe's LoRA parts adapt on this (meta) model: the patterns are checked here too."""
+    if recipe.train.trainable != "lora":
+        return {}
+    if component == "vae_encoder" and not recipe.train.vae_encoder_trains:
+        return {}
+    return assign(recipe.train.lora, component, model)
 
 
-def _activation_bytes(unet, recipe: Recipe, dtype: torch.dtype, vae_scale: int) -> int:
-    t = recipe.train
-    unet = unet.to(dtype)
-    if t.trainable == "lora":
-        # Frozen linears keep no input for a weight gradient; adapters keep their (small) inputs.
-        unet.requires_grad_(False)
-        for name, mod in unet.named_modules():
-            if isinstance(mod, torch.nn.Linear) and any(name.endswith("." + s) or name == s for s in t.lora.targets):
-                mod.weight.requires_grad_(True)
-    if t.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
-    h = t.resolution // vae_scale
+def _saved_bytes(model, run, adapted: dict | None, dtype: torch.dtype) -> int:
+    """Bytes autograd keeps for backward while `run()` does one forward on meta tensors. With LoRA only the
+    adapted layers' weights stand in as trainable: frozen layers keep no input for a weight gradient,
+    adapters keep their (small) inputs, and nothing upstream of the first adapted layer is kept."""
+    model.to(dtype)
+    if adapted is not None:
+        model.requires_grad_(False)
+        layers = dict(model.named_modules())
+        for name in adapted:
+            layers[name].weight.requires_grad_(True)
+    model.train()
     saved = [0]
-    params = {id(p) for p in unet.parameters()}
+    params = {id(p) for p in model.parameters()}
 
     def pack(x):
         # Weights (and their transposed views) saved for backward are already counted as weights.
@@ -87,13 +86,29 @@ def _activation_bytes(unet, recipe: Recipe, dtype: torch.dtype, vae_scale: int) 
             saved[0] += x.numel() * x.element_size()
         return x
 
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        run()
+    return saved[0]
+
+
+def _activation_bytes(unet, recipe: Recipe, dtype: torch.dtype, vae_scale: int, adapted: dict) -> int:
+    t = recipe.train
+    if t.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    h = t.resolution // vae_scale
     b = t.batch_size
     sample = torch.empty(b, IP2P_IN_CHANNELS, h, h, device="meta", dtype=dtype, requires_grad=t.trainable == "lora")
     steps = torch.zeros(b, device="meta", dtype=torch.long)
     text = torch.empty(b, 77, unet.config.cross_attention_dim, device="meta", dtype=dtype)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        unet(sample, steps, text)
-    return saved[0]
+    return _saved_bytes(unet, lambda: unet(sample, steps, text), adapted if t.trainable == "lora" else None, dtype)
+
+
+def _encoder_activation_bytes(vae, recipe: Recipe, dtype: torch.dtype, adapted: dict) -> int:
+    """The VAE encoder's kept activations when its tail trains: both frames of every pair go through it
+    with gradients (without adapters it runs under no_grad, or not at all with cached latents)."""
+    t = recipe.train
+    pixels = torch.empty(2 * t.batch_size, 3, t.resolution, t.resolution, device="meta", dtype=dtype)  # current ‖ future
+    return _saved_bytes(vae, lambda: vae.encode(pixels).latent_dist.mode(), adapted, dtype)
 
 
 def estimate(recipe: Recipe, world: int = 1) -> Estimate:
@@ -102,7 +117,8 @@ def estimate(recipe: Recipe, world: int = 1) -> Estimate:
     unet, vae, text = _meta_models(unet_cfg, vae_cfg, text_cfg)
     n_unet = sum(p.numel() for p in unet.parameters())
     n_other = sum(p.numel() for p in vae.parameters()) + sum(p.numel() for p in text.parameters())
-    n_train = n_unet if t.trainable == "full" else _lora_params(unet, recipe)
+    unet_lora, vae_lora = _lora_layers(unet, recipe, "unet"), _lora_layers(vae, recipe, "vae_encoder")
+    n_train = n_unet if t.trainable == "full" else lora_param_count(unet, unet_lora) + lora_param_count(vae, vae_lora)
     n_frozen = n_other + (0 if t.trainable == "full" else n_unet)
     half = t.precision in ("fp16", "bf16")
     wb = 2 if half else 4
@@ -121,9 +137,13 @@ def estimate(recipe: Recipe, world: int = 1) -> Estimate:
          "offloaded to CPU" if t.offload_optimizer else f"{state_per_param} B/param ({t.optimizer}) / {shard_opt}"),
     ]
     vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    act = _activation_bytes(unet, recipe, torch.float16 if half else torch.float32, vae_scale)
+    act = _activation_bytes(unet, recipe, torch.float16 if half else torch.float32, vae_scale, unet_lora)
     rows.append(("UNet activations", act / GIB, f"measured on meta: batch {t.batch_size}, {t.resolution} px"
                  + (", checkpointed" if t.gradient_checkpointing else "")))
+    if vae_lora:
+        enc = _encoder_activation_bytes(vae, recipe, torch.float16 if half else torch.float32, vae_lora)
+        rows.append(("VAE encoder activations", enc / GIB,
+                     f"measured on meta: {2 * t.batch_size} frames, {t.resolution} px, {len(vae_lora)} adapted layers"))
     rows.append(("CUDA context + fragmentation", OVERHEAD_GIB, "allowance"))
     return Estimate(arch, world, n_train, n_frozen, rows)
 

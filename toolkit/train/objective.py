@@ -18,7 +18,9 @@ from lftk.model.components import LATENT_CHANNELS
 
 @dataclass
 class FrozenParts:
-    """Everything the loss needs besides the trainable UNet (kept out of the DeepSpeed engine)."""
+    """Everything the loss needs besides the trainable UNet (kept out of the DeepSpeed engine), except
+    that with LoRA parts on the VAE encoder the VAE joins the engine and `encoder_trains` is set: the
+    encoder then runs with gradients (the same VAE object the engine steps)."""
 
     vae: torch.nn.Module
     text_encoder: torch.nn.Module
@@ -26,20 +28,23 @@ class FrozenParts:
     null_ids: torch.Tensor  # (1, 77) token ids of the empty prompt
     scaling_factor: float
     vae_scale: int  # pixels per latent cell (8 for SD 1.5)
+    encoder_trains: bool = False
 
     @torch.no_grad()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.text_encoder(input_ids)[0].float()
 
-    @torch.no_grad()
+    def _encode(self, pixels: torch.Tensor):
+        with torch.set_grad_enabled(self.encoder_trains and torch.is_grad_enabled()):
+            return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+
     def encode_future(self, pixels: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        dist = self.vae.encode(pixels.to(self.vae.dtype)).latent_dist
+        dist = self._encode(pixels)
         return (dist.mean.float() + dist.std.float() * eps.to(dist.mean.device)) * self.scaling_factor
 
-    @torch.no_grad()
     def encode_current(self, pixels: torch.Tensor) -> torch.Tensor:
         # IP2P conditions on the unscaled mode of the image posterior (as its pipeline does at inference).
-        return self.vae.encode(pixels.to(self.vae.dtype)).latent_dist.mode().float()
+        return self._encode(pixels).mode().float()
 
 
 @dataclass
