@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lftk.errors import LftkError
-from lftk.export.contract import TextEncoderContract
+from lftk.export.contract import MAX_FRAMES, TextEncoderContract
 from lftk.export.sampling import IP2PSampler, images_to_model, make_scheduler, model_to_unit, unit_to_uint8
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ class Runner:
         self._embeds: dict[str, torch.Tensor] = {}  # prompt -> (77, D); "" -> the empty prompt's
         # (predicted, current) uint8 frames -> post-processed frames; None = as the model made them
         self.postprocess: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+        # Frames per UNet call (x the CFG branches): the export's batch profile; lower it to save memory.
+        self.max_batch = MAX_FRAMES
 
     @classmethod
     def from_backend(cls, backend, scheduler: str = "euler_a") -> "Runner":
@@ -167,7 +169,23 @@ class Runner:
         seed: int | Sequence[int] = 0,
         horizon: int | None | Sequence[int | None] = None,
     ) -> np.ndarray:
-        """(B, H, W, 3) uint8 current frames -> (B, H, W, 3) uint8 future frames, one UNet call per step."""
+        """(B, H, W, 3) uint8 current frames -> (B, H, W, 3) uint8 future frames, one UNet call per step.
+
+        More than `max_batch` frames go through in chunks of `max_batch` (the export's batch profile and
+        the memory limit); then each frame gets its own generator (seed + its index when one seed is
+        given), so a frame's output does not depend on where the chunks fall."""
+        images = self._check_frames(images)
+        batch = images.shape[0]
+        if batch > self.max_batch:
+            seeds = self._per_frame(seed, batch, "seeds") if isinstance(seed, (list, tuple)) else [seed + i for i in range(batch)]
+            per = {"instruction": self._per_frame(instruction, batch, "instructions"), "seed": seeds,
+                   "horizon": self._per_frame(horizon, batch, "horizons")}
+            chunks = []
+            for lo in range(0, batch, self.max_batch):
+                sl = slice(lo, lo + self.max_batch)
+                chunks.append(self.predict(images[sl], per["instruction"][sl], steps, guidance, image_guidance,
+                                           per["seed"][sl], per["horizon"][sl]))
+            return np.concatenate(chunks)
         latents = self.denoise(images, instruction, steps, guidance, image_guidance, seed, horizon)
         with torch.inference_mode():
             out = unit_to_uint8(model_to_unit(self.sampler.decode(latents)))
