@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import copy
 import difflib
+import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -28,7 +29,9 @@ class DataConfig(Strict):
     train_split: str = Field("train", description="Split used for training.")
     val_split: str = Field("val", description="Split used for validation loss.")
     prompt_template: str = Field(
-        "{instruction}", description="How an instruction becomes the prompt; must contain {instruction}."
+        "{instruction}",
+        description="How an instruction becomes the prompt; must contain {instruction}, may contain {horizon} "
+        "(the pair's frames ahead; needed when the pairs have several horizons).",
     )
     num_workers: int = Field(0, ge=0, description="DataLoader worker processes.")
     latent_cache: Optional[str] = Field(
@@ -38,7 +41,14 @@ class DataConfig(Strict):
     @field_validator("prompt_template")
     @classmethod
     def _template_has_slot(cls, v: str) -> str:
-        if "{instruction}" not in v:
+        from lftk.data.pairset import template_fields  # lazy: the schema module stays light to import
+        from lftk.errors import LftkError
+
+        try:
+            fields = template_fields(v)
+        except LftkError as exc:
+            raise ValueError(str(exc)) from None
+        if "instruction" not in fields:
             raise ValueError("must contain '{instruction}'")
         return v
 
@@ -48,14 +58,95 @@ class ModelConfig(Strict):
     revision: Optional[str] = Field(None, description="Hub revision when `base` is a hub id.")
 
 
+LORA_DEFAULT_PART = "default"  # the part spelled by train.lora.targets itself
+_PART_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_PATTERN_HELP = (
+    "A pattern matches a module whose dotted name ends with it (`attn2.to_q` matches every cross-attention "
+    "query); `*` is a wildcard (`encoder.mid_block.*`: every layer in it). Only Linear and Conv2d layers get "
+    "adapters; each pattern must match at least one."
+)
+
+
+def _check_patterns(v: list[str]) -> list[str]:
+    if not v:
+        raise ValueError("must name at least one module pattern")
+    bad = [p for p in v if not p or p != p.strip() or p.startswith(".") or p.endswith(".")]
+    if bad:
+        raise ValueError(f"patterns are dotted module names without surrounding spaces or dots: {bad}")
+    return v
+
+
+class LoraPart(Strict):
+    """One group of adapted modules with its own rank, alpha and dropout."""
+
+    component: Literal["unet", "vae_encoder"] = Field(
+        description="Which model the targets name: `unet`, or `vae_encoder` (VAE layers under `encoder.` and "
+        "`quant_conv`, named as in the VAE; the decoder never trains)."
+    )
+    targets: list[str] = Field(description="Module-name patterns of this part. " + _PATTERN_HELP)
+    rank: Optional[int] = Field(None, ge=1, description="LoRA rank of this part (default: train.lora.rank).")
+    alpha: Optional[float] = Field(None, gt=0, description="Scale numerator of this part (default: train.lora.alpha).")
+    dropout: Optional[float] = Field(None, ge=0, lt=1, description="Dropout on this part's adapter input (default: train.lora.dropout).")
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_named(cls, v: list[str]) -> list[str]:
+        return _check_patterns(v)
+
+
 class LoraConfig(Strict):
     rank: int = Field(16, ge=1, description="LoRA rank: more = better fit, more memory.")
     alpha: float = Field(16.0, gt=0, description="LoRA scale numerator (scale = alpha / rank).")
-    dropout: float = Field(0.0, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input during training.")
     targets: list[str] = Field(
         default_factory=lambda: ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"],
-        description="UNet module-name suffixes that get adapters (default: cross-attention).",
+        description="UNet module-name patterns of the default part (default: cross-attention), trained at the "
+        "rank/alpha/dropout above; [] when `parts` name all UNet targets. " + _PATTERN_HELP,
     )
+    parts: dict[str, LoraPart] = Field(
+        default_factory=dict,
+        description="More adapted module groups by name (letters, digits, _ and -), each with its own component, "
+        "targets and rank/alpha/dropout (default: the values above), e.g. a subset of UNet self-attention or the "
+        "tail of the VAE encoder. A module belongs to one part. UNet parts form one adapter (final/lora/"
+        "pytorch_lora_weights.safetensors, per-module ranks in its peft config); VAE-encoder parts another "
+        "(final/lora/vae_encoder/, peft format).",
+    )
+
+    @field_validator("targets")
+    @classmethod
+    def _targets_named(cls, v: list[str]) -> list[str]:
+        return _check_patterns(v) if v else v
+
+    @field_validator("parts")
+    @classmethod
+    def _part_names(cls, v: dict) -> dict:
+        bad = [name for name in v if not _PART_NAME.fullmatch(name)]
+        if bad:
+            raise ValueError(f"part names are letters, digits, _ and - (they appear in dotted override keys): {bad}")
+        if LORA_DEFAULT_PART in v:
+            raise ValueError(f"'{LORA_DEFAULT_PART}' is the part of train.lora.targets itself: choose another name")
+        return v
+
+    def resolved_parts(self) -> dict[str, LoraPart]:
+        """Every part by name with rank/alpha/dropout filled in; train.lora.targets is the 'default' part."""
+        out = {}
+        if self.targets:
+            out[LORA_DEFAULT_PART] = LoraPart(component="unet", targets=self.targets, rank=self.rank, alpha=self.alpha, dropout=self.dropout)
+        for name, part in self.parts.items():
+            out[name] = part.model_copy(update={
+                "rank": part.rank if part.rank is not None else self.rank,
+                "alpha": part.alpha if part.alpha is not None else self.alpha,
+                "dropout": part.dropout if part.dropout is not None else self.dropout,
+            })
+        return out
+
+    def part_key(self, name: str) -> str:
+        """The recipe key of a part's targets, for messages."""
+        return "train.lora.targets" if name == LORA_DEFAULT_PART else f"train.lora.parts.{name}.targets"
+
+    @property
+    def vae_encoder_parts(self) -> list[str]:
+        return [name for name, part in self.parts.items() if part.component == "vae_encoder"]
 
 
 class LossConfig(Strict):
@@ -129,6 +220,11 @@ class TrainConfig(Strict):
             raise ValueError("every stage resolution must be a multiple of 8")
         return v
 
+    @property
+    def vae_encoder_trains(self) -> bool:
+        """LoRA parts on the VAE encoder: it runs with gradients every step and joins the DeepSpeed engine."""
+        return self.trainable == "lora" and bool(self.lora.vae_encoder_parts)
+
     def resolution_at(self, step: int, total: int) -> int:
         for stage in self.resolution_schedule:
             if step < stage.until * total:
@@ -151,6 +247,24 @@ class Recipe(Strict):
             raise ValueError("train.offload_optimizer needs train.zero_stage >= 1")
         if t.offload_params and t.zero_stage != 3:
             raise ValueError("train.offload_params needs train.zero_stage: 3")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_parts_fit_training(self) -> "Recipe":
+        t, problems = self.train, []
+        if t.trainable == "full" and t.lora.parts:
+            problems.append(f"train.lora.parts ({', '.join(t.lora.parts)}) need train.trainable: lora")
+        if t.trainable == "lora":
+            if not any(p.component == "unet" for p in t.lora.resolved_parts().values()):
+                problems.append("train.lora: no UNet part (train.lora.targets is empty and no part has component: unet)")
+            if t.lora.vae_encoder_parts and t.cache_latents:
+                # The cache holds latents of the encoder as it was; a trained encoder makes them stale every step.
+                problems.append(
+                    f"train.cache_latents: true, but train.lora.parts.{t.lora.vae_encoder_parts[0]} trains the VAE "
+                    "encoder, which must then run every step: set train.cache_latents: false"
+                )
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
 
     @model_validator(mode="after")
@@ -214,14 +328,20 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
 
 def _fields_at(path: tuple) -> list[str]:
     model: Any = Recipe
+    keyed = False  # the previous field was a dict of models: this path part is a user-chosen key
     for part in path:
+        if keyed:
+            keyed = False
+            continue
         field = model.model_fields.get(part) if isinstance(part, str) else None
         if field is None:
             return []
         model = field.annotation
+        if get_origin(model) is dict:  # e.g. train.lora.parts: {name: LoraPart}
+            model, keyed = get_args(model)[1], True
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return []
-    return list(model.model_fields)
+    return [] if keyed else list(model.model_fields)
 
 
 def _describe(err: dict) -> str:

@@ -20,10 +20,10 @@ from lftk.config import Recipe
 from lftk.errors import LftkError
 from lftk.model.base import load_pipeline, read_meta, write_meta
 from lftk.model.components import vae_scale_factor
-from lftk.data.pairset import PairSet, read_summary
+from lftk.data.pairset import PairSet
 from lftk.progress import progress_bar
 from lftk.train import checkpoint
-from lftk.train.data import PairDataset, make_loader
+from lftk.train.data import PairDataset, check_prompts, make_loader
 from lftk.train.engine import setup_engine
 from lftk.train.aux_losses import AuxLosses
 from lftk.train.objective import FrozenParts, ip2p_loss, training_loss
@@ -43,6 +43,7 @@ class Setup:
     rank: int
     world: int
     future_pixels: bool = False  # aux losses compare decoded frames with the true future frame
+    lora_modules: dict = field(default_factory=dict)  # component -> {layer name: ModuleLora}, for lftk_model.json
     _datasets: dict = field(default_factory=dict)
 
     def datasets(self, resolution: int) -> tuple[PairDataset, PairDataset | None]:
@@ -75,13 +76,16 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
             f"{d.path}/{d.train_split}: {len(train_pairs)} training pairs, fewer than one batch of {global_batch} "
             "(lower train.batch_size or make more pairs)"
         )
+    check_prompts(d.prompt_template, train_pairs, val_pairs)  # several horizons need {horizon} in the template
     pipe = load_pipeline(recipe.model.base, revision=recipe.model.revision)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     # Frozen parts only run forward: half precision on GPU halves their memory (no master copy needed).
     frozen_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(recipe.train.precision) if device.type == "cuda" else None
+    trains_vae = recipe.train.vae_encoder_trains
     for frozen in (pipe.vae, pipe.text_encoder):
         frozen.requires_grad_(False).eval().to(device)
-        if frozen_dtype is not None:
+        # A VAE whose encoder carries adapters joins the engine, which sets its precision (and master weights).
+        if frozen_dtype is not None and not (trains_vae and frozen is pipe.vae):
             frozen.to(dtype=frozen_dtype)
     parts = FrozenParts(
         vae=pipe.vae,
@@ -90,7 +94,14 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
         null_ids=pipe.tokenizer("", padding="max_length", max_length=pipe.tokenizer.model_max_length, return_tensors="pt").input_ids,
         scaling_factor=float(pipe.vae.config.scaling_factor),
         vae_scale=vae_scale_factor(pipe.vae),
+        encoder_trains=trains_vae,
     )
+    if recipe.train.trainable == "lora":  # every part's patterns must match layers of this base
+        from lftk.train.lora_parts import assign
+
+        assign(recipe.train.lora, "unet", pipe.unet)
+        if trains_vae:
+            assign(recipe.train.lora, "vae_encoder", pipe.vae)
     run = RunDir(recipe.output_dir)  # created only once the inputs are known to be good
     if rank == 0:
         from lftk.eval.val import TensorBoardLog
@@ -153,16 +164,23 @@ def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
         return
     tmp = s.run.root / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    unet = engine.module
-    if s.recipe.train.trainable == "lora":
-        from lftk.train.lora import merged_copy, save_lora
+    from lftk.train.lora import split_trained
 
-        save_lora(unet, s.recipe.train.lora, tmp / "lora")
+    unet, vae = split_trained(engine.module)
+    lora_meta = None
+    if s.recipe.train.trainable == "lora":
+        from lftk.train.lora import lora_summary, merged_copy, save_lora
+
+        cfg = s.recipe.train.lora
+        lora_meta = {**cfg.model_dump(), "resolved_parts": lora_summary(cfg, s.lora_modules, {"unet": unet, "vae_encoder": vae})}
+        save_lora(unet, cfg, tmp / "lora", vae=vae)
         unet = merged_copy(unet)
+        if vae is not None:  # the encoder's adapters folded in: stock from_pretrained and `lftk export` read it
+            s.pipe.vae = merged_copy(vae)
     s.pipe.unet = unet
     s.pipe.save_pretrained(str(tmp))
     base_meta = read_meta(Path(s.recipe.model.base)) if Path(s.recipe.model.base).is_dir() else {}
-    horizon = read_summary(s.recipe.data.path).get("horizon")
+    horizons = s.train_pairs.horizons()  # what the model was trained on, from the pairs themselves
     write_meta(
         tmp,
         {
@@ -171,11 +189,12 @@ def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
             "trainable": s.recipe.train.trainable,
             "resolution": s.recipe.train.resolution,
             "prompt_template": s.recipe.data.prompt_template,
-            "horizon": horizon,
+            "horizon": horizons[0] if len(horizons) == 1 else None,
+            "horizons": horizons,
             "steps": step,
             "final_loss": last_loss,
             "precision": s.recipe.train.precision,
-            "lora": s.recipe.train.lora.model_dump() if s.recipe.train.trainable == "lora" else None,
+            "lora": lora_meta,
         },
     )
     replace_dir(tmp, s.run.final)
@@ -189,7 +208,12 @@ def _micro_batches(s: Setup, step: int, steps: int):
         train_set, _ = s.datasets(res)
         loader = make_loader(train_set, t.batch_size, t.grad_accum, s.rank, s.world, s.recipe.seed, step * t.grad_accum, s.recipe.data.num_workers)
         log.info("training at %d px from step %d", res, step)
-        for i, batch in enumerate(loader):
+        # A DataLoader iterator draws its base seed from the global torch RNG, which also drives LoRA dropout:
+        # a resumed run starts its iterator at another point of that stream, so keep the draw out of it.
+        rng = torch.get_rng_state()
+        batches = iter(loader)
+        torch.set_rng_state(rng)
+        for i, batch in enumerate(batches):
             yield batch
             if (i + 1) % t.grad_accum == 0:
                 step += 1
@@ -202,16 +226,19 @@ def _micro_batches(s: Setup, step: int, steps: int):
 def train(recipe: Recipe, resume: bool = False) -> RunDir:
     s = setup(recipe, resume)
     t = recipe.train
-    unet = s.pipe.unet
+    unet = model = s.pipe.unet
     if t.trainable == "lora":
-        from lftk.train.lora import add_lora
+        from lftk.train.lora import UnetAndVae, add_lora, add_vae_lora
 
-        add_lora(unet, t.lora)
+        s.lora_modules["unet"] = add_lora(unet, t.lora)
+        if t.vae_encoder_trains:
+            s.lora_modules["vae_encoder"] = add_vae_lora(s.pipe.vae, t.lora)
+            model = UnetAndVae(unet, s.pipe.vae)  # one engine: DeepSpeed steps and checkpoints both
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet.train()
+    model.train()
     steps = total_steps(s)
-    engine, _ = setup_engine(unet, recipe, steps)
+    engine, _ = setup_engine(model, recipe, steps)
     aux = AuxLosses(t.loss.perceptual, t.loss.adversarial, t.loss.perceptual_weights, t.loss.disc_lr, engine.device)
     s.future_pixels = aux.active
     step = checkpoint.load(engine, s.run.checkpoints, aux) if resume else 0
