@@ -236,3 +236,11 @@ def test_eval_prompts_carry_each_pairs_horizon(mixed_pairs, tmp_path, caplog):
     dropped = _mixed_pair_dir(mixed_pairs, tmp_path / "dropped", drop="test/task__episode0__f0000")
     with pytest.raises(LftkError, match="test/task__episode0__f0000/prompt.json has no horizon"):
         _check_horizons(list(PairSet(dropped, "test")), TEMPLATE, {})
+
+
+def test_report_lists_horizons_in_numeric_order():
+    from lftk.eval.report import _groups
+
+    rows = [{"horizon": h} for h in (100, 25, None, 50, 25)]
+    groups = _groups(rows, lambda r: r["horizon"])
+    assert list(groups) == ["25", "50", "100", "None"] and len(groups["25"]) == 2

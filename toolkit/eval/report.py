@@ -29,7 +29,8 @@ def _groups(rows: Sequence[dict], key) -> dict[str, list[dict]]:
     out: dict[str, list[dict]] = {}
     for r in rows:
         out.setdefault(str(key(r)), []).append(r)
-    return dict(sorted(out.items()))
+    # Numbers in numeric order (horizon 25 before 100, rollout step 2 before 10), then names.
+    return dict(sorted(out.items(), key=lambda kv: (0, int(kv[0]), "") if kv[0].isdigit() else (1, 0, kv[0])))
 
 
 def _per_object(rows: Sequence[dict], methods: Sequence[str], boot: Bootstrap) -> dict:
