@@ -77,6 +77,17 @@ def test_extends_cycle_and_missing_file(tmp_path):
         load_recipe(tmp_path / "missing.yaml")
 
 
+def test_null_removes_an_inherited_mapping(tmp_path):
+    peft = Path(__file__).resolve().parent.parent / "recipes" / "stage2-peft.yaml"
+    child = tmp_path / "child.yaml"
+    child.write_text(f"extends: {peft}\ntrain:\n  cache_latents: true\n  lora:\n    parts:\n      vae_tail: null\n")
+    recipe = load_recipe(child)
+    assert set(recipe.train.lora.parts) == {"self_attn_coarse"} and recipe.train.cache_latents
+    # On the command line too; and a null over a plain value is just null (an Optional key).
+    recipe = load_recipe(peft, ["train.lora.parts.self_attn_coarse=null", "train.val_every=null"])
+    assert set(recipe.train.lora.parts) == {"vae_tail"} and recipe.train.val_every is None
+
+
 COMMANDS = [
     ["data", "sim"], ["data", "import"], ["data", "pairs"], ["data", "inspect"], ["init-base"], ["train"],
     ["eval"], ["export"], ["infer"], ["bench"], ["doctor"],

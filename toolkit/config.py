@@ -279,9 +279,13 @@ class Recipe(Strict):
 
 
 def _deep_merge(base: dict, over: dict) -> dict:
+    """`over` on top of `base`, mapping by mapping. `key: null` over a mapping removes it: a child recipe
+    drops an inherited LoRA part (`train.lora.parts.vae_tail: null`) or resets a section to its defaults."""
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if value is None and isinstance(out.get(key), dict):
+            del out[key]
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _deep_merge(out[key], value)
         else:
             out[key] = value
