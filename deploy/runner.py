@@ -102,6 +102,7 @@ class Runner:
         if new:
             if len(self._embeds) + len(new) > _EMBED_CACHE:
                 self._embeds.clear()
+                new = list(dict.fromkeys(prompts))  # the cached ones this call needs went with the rest
             for i in range(0, len(new), _TEXT_BATCH - 1):  # + the empty prompt: within the engines' profile
                 chunk = new[i : i + _TEXT_BATCH - 1]
                 encoded = self.sampler.encode_prompt(self.tokenizer, chunk)  # (len(chunk) + 1, 77, D)

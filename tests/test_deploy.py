@@ -277,3 +277,13 @@ def test_more_frames_than_max_batch_go_in_chunks(ort_runner, frame, monkeypatch)
     assert psnr(whole / 255.0, chunked / 255.0) >= 40.0
     # One seed for all: frame i is seeded seed + i, so the chunk boundaries do not matter.
     assert np.array_equal(runner.predict(starts, "stack", steps=1, seed=4), chunked)
+
+
+def test_prompt_cache_overflow_keeps_what_the_call_needs(ort_runner, frame):
+    runner = ort_runner
+    runner._embeds.clear()
+    runner.predict(frame[None], "cached instruction", steps=1, seed=0)
+    fresh = [f"instruction {i}" for i in range(20)]  # more than the cache holds, next to a cached one
+    frames = np.repeat(frame[None], 21, axis=0)
+    out = runner.predict(frames, ["cached instruction"] + fresh, steps=1, seed=list(range(21)))
+    assert out.shape == (21, 64, 64, 3)
