@@ -204,6 +204,8 @@ def run_infer(
             stale.unlink(missing_ok=True)
     if mp4:
         names.append(_write_mp4(out / "rollout.mp4", [current] + predicted))
+    else:
+        (out / "rollout.mp4").unlink(missing_ok=True)  # not this run's
     n = len(predicted)
     unet_calls = be.stats["unet"][0]
     timing = {

@@ -261,9 +261,8 @@ class TrtEngine:
         with torch.cuda.stream(self.stream):
             inputs = [t.to("cuda", self._dtype(n), non_blocking=True).contiguous() for n, t in zip(self.input_names, tensors)]
             if self.cuda_graph:
-                out = self._replay(inputs).float()  # a copy: the static output is overwritten next replay
-                if out.dtype == torch.float32 and self._dtype(self.output_name) == torch.float32:
-                    out = out.clone()
+                static = self._replay(inputs)  # overwritten by the next replay: hand out a copy
+                out = static.clone() if static.dtype == torch.float32 else static.float()
             else:
                 out = self._bind(inputs)
                 self._execute()
