@@ -163,8 +163,10 @@ class _Memo:
         self._last: tuple[list, list] | None = None
 
     def __call__(self, items):
-        if self._last is None or self._last[0] != [id(it) for it in items]:
-            self._last = ([id(it) for it in items], self.predict(items))
+        # The items themselves are kept (not their ids, which Python reuses once an object is freed).
+        last = self._last
+        if last is None or len(last[0]) != len(items) or any(a is not b for a, b in zip(last[0], items)):
+            self._last = (list(items), self.predict(items))
         return self._last[1]
 
 
