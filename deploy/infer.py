@@ -61,13 +61,15 @@ def open_backend(
     return TorchBackend(ref.pipeline_dir, precision=precision or "fp32", compile=compile)
 
 
-def _write_outputs(out: Path, frames: list[np.ndarray], prefix: str = "frame") -> list[str]:
+def _write_outputs(out: Path, frames: list[np.ndarray]) -> list[str]:
+    """frame_*.png; first removes what an earlier run left that this one may not write again (more
+    frames, truth frames, compare.gif, rollout.mp4)."""
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(f"{prefix}_*.png"):  # a shorter rerun must not leave frames of the last one behind
-        stale.unlink()
+    for stale in [*out.glob("frame_*.png"), *out.glob("truth_*.png"), out / "compare.gif", out / "rollout.mp4"]:
+        stale.unlink(missing_ok=True)
     names = []
     for i, frame in enumerate(frames):
-        name = f"{prefix}_{i:03d}.png"
+        name = f"frame_{i:03d}.png"
         save_rgb(frame, out / name)
         names.append(name)
     return names
@@ -199,13 +201,8 @@ def run_infer(
     if ep is not None:
         truth_report, truth_names = _compare_with_episode(out, ep, start_frame, offsets, predicted, runner.resolution)
         names += truth_names
-    else:
-        for stale in list(out.glob("truth_*.png")) + [out / "compare.gif"]:
-            stale.unlink(missing_ok=True)
     if mp4:
         names.append(_write_mp4(out / "rollout.mp4", [current] + predicted))
-    else:
-        (out / "rollout.mp4").unlink(missing_ok=True)  # not this run's
     n = len(predicted)
     unet_calls = be.stats["unet"][0]
     timing = {
@@ -253,8 +250,6 @@ def _compare_with_episode(out: Path, ep, start: int, offsets, predicted, resolut
     if any(o is None for o in offsets):
         raise LftkError("--episode: the model records no horizon, so the true frames are unknown: give --horizon")
     truth = [load_rgb(ep.frame_paths[start + o], resolution) if start + o < ep.n_frames else None for o in offsets]
-    for stale in out.glob("truth_*.png"):
-        stale.unlink()
     names = []
     for k, t in enumerate([load_rgb(ep.frame_paths[start], resolution)] + truth):
         if t is not None:

@@ -107,9 +107,7 @@ class Runner:
                 chunk = new[i : i + _TEXT_BATCH - 1]
                 encoded = self.sampler.encode_prompt(self.tokenizer, chunk)  # (len(chunk) + 1, 77, D)
                 self._embeds.update({p: encoded[j] for j, p in enumerate(chunk)})
-                self._embeds[""] = encoded[-1]
-        if "" not in self._embeds:
-            self._embeds[""] = self.sampler.encode_prompt(self.tokenizer, [])[-1]
+                self._embeds[""] = encoded[-1]  # every encoding carries it: cached whenever a prompt is
         shared = len(set(prompts)) == 1  # T = 1: the sampler expands one row rather than stacking B copies
         rows = [self._embeds[p] for p in (prompts[:1] if shared else prompts)]
         return torch.stack(rows + [self._embeds[""]])

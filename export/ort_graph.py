@@ -80,8 +80,7 @@ class OrtGraph:
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
         """The output as a torch tensor. With IO binding it is the preallocated buffer for these input
-        shapes, valid until the next call with the same shapes (the sampler consumes the UNet's output
-        at once; the ORT backend clones the outputs it keeps)."""
+        shapes, valid until the next call with the same shapes (the ORT backend hands its callers copies)."""
         if self.io_binding:
             return self._bound(tensors)
         return self._plain(tensors)
