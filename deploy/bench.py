@@ -60,6 +60,7 @@ KEYS = (
 PARITY_MIN_DB = {"fp32": FRAME_PSNR_MIN_DB, "fp16": 30.0}
 INT8_GOOD_DB, INT8_MARGIN_DB = 30.0, 3.0
 _RSS_POLL_S = 0.05
+REFERENCE = ("torch", "fp32")  # the row every other row's frames are compared with
 
 
 def _rss_reader():
@@ -139,7 +140,7 @@ def _cases(manifest: dict, backends: Sequence[str], compile: bool = False) -> li
     cuda = torch.cuda.is_available()
     for backend in backends:
         if backend == "torch":
-            rows.append(("torch", "fp32"))
+            rows.append(REFERENCE)
             if cuda:
                 rows.append(("torch", "fp16"))
             if compile:
@@ -322,7 +323,7 @@ def _run(model, backends, frames, steps, warmup, repeats, json_path, log_path, s
     starts = _start_frames(resolution, frames)
     settings = {"frames": frames, "steps": steps, "warmup": warmup, "repeats": repeats, "seed": seed, "scheduler": scheduler,
                 "threads": {"torch": torch.get_num_threads(), "onnxruntime": threads or "default"}}
-    cases = sorted(_cases(manifest, backends, compile), key=lambda c: c != ("torch", "fp32"))  # the reference first
+    cases = sorted(_cases(manifest, backends, compile), key=lambda c: c != REFERENCE)  # the reference first
     want_baseline = any(p == "int8" for _, p in cases)
     reference, seed_baseline = None, None
 
@@ -339,19 +340,19 @@ def _run(model, backends, frames, steps, warmup, repeats, json_path, log_path, s
             row.update(timings, peak_mem_mb=rss.mb, providers=be.providers)
             if on_cuda:
                 row["peak_cuda_mem_mb"] = _cuda_peak_mb()
-            if (backend, precision) == ("torch", "fp32"):  # the reference: the other rows are compared with its frames
+            if (backend, precision) == REFERENCE:
                 reference, seed_baseline = _reference(runner, starts, steps, seed, want_baseline, frames_out)
             elif reference is None and "torch" not in backends and ref.pipeline_dir is not None:
                 torch_runner = Runner.from_backend(TorchBackend(ref.pipeline_dir), scheduler)
                 reference, seed_baseline = _reference(torch_runner, starts, steps, seed, want_baseline)
                 torch_runner = None
-            if (backend, precision) != ("torch", "fp32") and reference is not None:
+            if (backend, precision) != REFERENCE and reference is not None:
                 value = round(psnr(_to_unit(reference), _to_unit(frames_out)), 3)
                 minimum = round(_min_db(precision, seed_baseline), 3)
                 row.update(parity_psnr_db=value, parity_min_db=minimum)
                 if value < minimum:
                     row["status"] = f"parity failed ({value:.1f} < {minimum:.1f} dB)"
-            elif (backend, precision) != ("torch", "fp32"):
+            elif (backend, precision) != REFERENCE:
                 row["status"] = "ok (parity not checked: no torch weights in the export)"
         except NotAvailableError as exc:
             row["status"] = f"not available: {exc}"
