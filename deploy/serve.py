@@ -75,10 +75,8 @@ def _prompt_checker(batcher: Batcher):
     runner = batcher.runner
 
     def check(params) -> None:
-        if not hasattr(runner, "prompt"):
-            return
-        template = getattr(runner, "prompt_template", "")
-        if params.horizon is not None and "{horizon}" not in template and params.horizon not in (runner.horizons or []):
+        fixed = "{horizon}" not in runner.prompt_template
+        if params.horizon is not None and fixed and params.horizon not in runner.horizons:
             trained = f"{runner.horizons[0]} frames" if runner.horizons else "an offset it does not record"
             raise InputError(
                 422, "horizon", f"{params.horizon}: this model predicts a fixed offset ({trained}); leave horizon out"

@@ -308,6 +308,10 @@ class ScriptedRunner:
     """Frame k of a rollout is the start frame + k + 1; a closed gate holds the call (a busy accelerator)."""
 
     resolution = 4
+    prompt_template, horizons = "{instruction}", []
+
+    def prompt(self, instruction, horizon=None):
+        return instruction
 
     def __init__(self, fail_on: str | None = None):
         self.calls: list[dict] = []
