@@ -15,6 +15,10 @@ here says why ("not available: TensorRT not installed") instead of vanishing. Pe
   PSNR           the batched frames against torch fp32's for the same inputs and seed (torch's
                  own row is the reference: "-")
 
+MODEL may also be a pipeline or run dir (no ONNX export yet): then only torch rows run, and the ort
+and trt rows say what to export first. That is how a full-size model is timed on a GPU without
+writing gigabytes of ONNX (`--resolution` picks the size; an export's is fixed by its manifest).
+
 `run_bench` returns the rows; `format_table` renders them (the CLI prints it). `--json` writes the
 rows; `--log` appends them, with the machine and versions, as one JSON line per run.
 """
@@ -136,7 +140,7 @@ def _cases(manifest: dict, backends: Sequence[str], compile: bool = False) -> li
     import torch
 
     rows = []
-    targets = targets_in(manifest)
+    targets = targets_in(manifest) if manifest is not None else []
     cuda = torch.cuda.is_available()
     for backend in backends:
         if backend == "torch":
@@ -146,7 +150,7 @@ def _cases(manifest: dict, backends: Sequence[str], compile: bool = False) -> li
             if compile:
                 rows.append(("torch-compile", "fp16" if cuda else "fp32"))
         elif backend == "ort":
-            rows += [("ort", t.precision.value) for t in targets if t.format == Format.ONNX]
+            rows += [("ort", t.precision.value) for t in targets if t.format == Format.ONNX] or [("ort", "-")]
         else:
             engines = [("trt", t.precision.value) for t in targets if t.format == Format.TRT]
             rows += engines or [("trt", "-")]
@@ -176,11 +180,19 @@ def _ort_providers(precision: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
-def _open(export_dir: Path, manifest: dict, pipeline_dir: Path | None, backend: str, precision: str, threads: int) -> Backend:
+def _open(
+    export_dir: Path, manifest: dict | None, pipeline_dir: Path | None, backend: str, precision: str, threads: int,
+    resolution: int,
+) -> Backend:
     if backend in ("torch", "torch-compile"):
         if pipeline_dir is None:
             raise NotAvailableError("the export has no pipeline/ copy (the torch backend needs the diffusers weights)")
-        return TorchBackend(pipeline_dir, precision=precision, compile=backend == "torch-compile")
+        return TorchBackend(pipeline_dir, resolution, precision=precision, compile=backend == "torch-compile")
+    if manifest is None:
+        raise NotAvailableError(
+            f"{export_dir} is not an export (no ONNX graphs or engines): run `lftk export {export_dir} --onnx "
+            "--out EXPORT_DIR` and pass --model EXPORT_DIR"
+        )
     if backend == "ort":
         return OrtBackend(export_dir, _ort_providers(precision), threads=threads, precision=precision, manifest=manifest)
     missing = _trt_missing()
@@ -194,13 +206,15 @@ def _open(export_dir: Path, manifest: dict, pipeline_dir: Path | None, backend: 
     return TrtBackend(export_dir, precision, manifest=manifest)
 
 
-def _size_mb(export_dir: Path, manifest: dict, pipeline_dir: Path | None, backend: str, precision: str) -> float | None:
+def _size_mb(export_dir: Path, manifest: dict | None, pipeline_dir: Path | None, backend: str, precision: str) -> float | None:
     """MB of the files the backend loads: the diffusers weights, the ONNX graphs, or the engines."""
     if backend in ("torch", "torch-compile"):
         if pipeline_dir is None:
             return None
         files = [p for c in COMPONENTS for p in _weights(pipeline_dir, c)]
         return round(sum(p.stat().st_size for p in files) / 1e6, 2)
+    if manifest is None:
+        return None
     if backend == "ort":
         recs = [r for c in COMPONENTS for r in component_files(manifest, c, precision)]
     else:
@@ -287,8 +301,12 @@ def run_bench(
     scheduler: str = "euler_a",
     threads: int | None = None,
     compile: bool = False,
+    resolution: int | None = None,
 ) -> list[dict]:
     """One row per (backend, precision) of the export at MODEL; see the module docstring for the columns.
+
+    `resolution`: frame size for a pipeline or run dir (default: the trained one, else the VAE's); an
+    export runs at its manifest's and refuses another.
 
     `threads`: intra-op threads for torch and onnxruntime alike (default: each library's own choice).
     On a CPU shared with other work, torch's OpenMP threads wait on each other at every op; 1 thread
@@ -303,25 +321,32 @@ def run_bench(
         torch.set_num_threads(threads)
     try:
         return _run(
-            model, backends, frames, steps, warmup, repeats, json_path, log_path, seed, scheduler, threads or 0, compile
+            model, backends, frames, steps, warmup, repeats, json_path, log_path, seed, scheduler, threads or 0, compile,
+            resolution,
         )
     finally:
         torch.set_num_threads(torch_threads)
 
 
-def _run(model, backends, frames, steps, warmup, repeats, json_path, log_path, seed, scheduler, threads, compile) -> list[dict]:
+def _run(
+    model, backends, frames, steps, warmup, repeats, json_path, log_path, seed, scheduler, threads, compile, resolution
+) -> list[dict]:
     import torch
 
     ref = resolve_model(model)
-    if ref.kind != "export":
-        raise LftkError(
-            f"{model} is a {ref.kind} dir; bench compares an export's backends: run `lftk export {model} --onnx "
-            "--out EXPORT_DIR` first, then pass --model EXPORT_DIR"
-        )
-    manifest = verify_manifest(ref.path)  # once: a tampered export is refused before anything runs
-    resolution = int(manifest["resolution"])
+    if ref.kind == "export":
+        manifest = verify_manifest(ref.path)  # once: a tampered export is refused before anything runs
+        if resolution is not None and int(resolution) != int(manifest["resolution"]):
+            raise LftkError(
+                f"--resolution {resolution}: the export at {ref.path} was built for {manifest['resolution']} px; leave "
+                f"--resolution out, or time torch alone at {resolution} px with --model {ref.path / 'pipeline'}"
+            )
+        resolution = int(manifest["resolution"])
+    else:  # torch rows only: the weights without an export
+        manifest = None
+        resolution = _pipeline_resolution(ref.pipeline_dir, resolution)
     starts = _start_frames(resolution, frames)
-    settings = {"frames": frames, "steps": steps, "warmup": warmup, "repeats": repeats, "seed": seed, "scheduler": scheduler,
+    settings = {"resolution": resolution, "frames": frames, "steps": steps, "warmup": warmup, "repeats": repeats, "seed": seed, "scheduler": scheduler,
                 "threads": {"torch": torch.get_num_threads(), "onnxruntime": threads or "default"}}
     cases = sorted(_cases(manifest, backends, compile), key=lambda c: c != REFERENCE)  # the reference first
     want_baseline = any(p == "int8" for _, p in cases)
@@ -334,7 +359,7 @@ def _run(model, backends, frames, steps, warmup, repeats, json_path, log_path, s
         try:
             on_cuda = _cuda_peak_reset()
             with _PeakRss() as rss:
-                be = _open(ref.path, manifest, ref.pipeline_dir, backend, precision, threads)
+                be = _open(ref.path, manifest, ref.pipeline_dir, backend, precision, threads, resolution)
                 runner = Runner.from_backend(be, scheduler)
                 timings, frames_out = _measure(runner, starts, frames, steps, warmup, repeats, seed)
             row.update(timings, peak_mem_mb=rss.mb, providers=be.providers)
@@ -343,7 +368,7 @@ def _run(model, backends, frames, steps, warmup, repeats, json_path, log_path, s
             if (backend, precision) == REFERENCE:
                 reference, seed_baseline = _reference(runner, starts, steps, seed, want_baseline, frames_out)
             elif reference is None and "torch" not in backends and ref.pipeline_dir is not None:
-                torch_runner = Runner.from_backend(TorchBackend(ref.pipeline_dir), scheduler)
+                torch_runner = Runner.from_backend(TorchBackend(ref.pipeline_dir, resolution), scheduler)
                 reference, seed_baseline = _reference(torch_runner, starts, steps, seed, want_baseline)
                 torch_runner = None
             if (backend, precision) != REFERENCE and reference is not None:
@@ -371,6 +396,24 @@ def _run(model, backends, frames, steps, warmup, repeats, json_path, log_path, s
     if log_path is not None:
         append_log(Path(log_path), rows, ref.path)
     return rows
+
+
+def _pipeline_resolution(pipeline_dir: Path, requested: int | None) -> int:
+    """Frame size for a pipeline without an export: as asked, else the trained one, else the VAE's native."""
+    from lftk.model.base import read_meta
+
+    if requested is not None:
+        if requested < 8 or requested % 8:
+            raise LftkError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {requested}")
+        return int(requested)
+    trained = read_meta(pipeline_dir).get("resolution")
+    if trained:
+        return int(trained)
+    vae_config = pipeline_dir / "vae" / "config.json"
+    try:
+        return int(json.loads(vae_config.read_text())["sample_size"])
+    except (OSError, ValueError, KeyError) as exc:
+        raise LftkError(f"{vae_config}: no sample_size to take the resolution from ({exc}); pass --resolution") from exc
 
 
 def _reference(runner: Runner, starts, steps, seed, want_baseline: bool, frames: np.ndarray | None = None):
@@ -460,7 +503,7 @@ def format_table(rows: list[dict]) -> str:
         n = s["frames"]
         lines += [
             "",
-            f"{s['steps']} steps, {s['scheduler']}, seed {s['seed']}; medians of {s['repeats']} repeat(s) after {s['warmup']} warm-up; "
+            f"{s['resolution']} px, {s['steps']} steps, {s['scheduler']}, seed {s['seed']}; medians of {s['repeats']} repeat(s) after {s['warmup']} warm-up; "
             f"threads: torch {s['threads']['torch']}, onnxruntime {s['threads']['onnxruntime']}.",
             f"ms/UNet step: one call, 1 frame x {CFG_BRANCHES} CFG branches. ms/frame, frames/s: a {n}-frame rollout "
             f"as {n} single-frame calls.",

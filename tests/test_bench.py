@@ -93,8 +93,6 @@ def test_bench_refuses_bad_input_and_tampered_exports(tiny_export_dir, tiny_pipe
         run_bench(tiny_export_dir, ["onnx"], **TINY)
     with pytest.raises(LftkError, match="--frames must be 1..16"):
         run_bench(tiny_export_dir, ["ort"], frames=17)
-    with pytest.raises(LftkError, match="run `lftk export"):
-        run_bench(tiny_pipeline_dir, ["torch"], **TINY)
     tampered = tmp_path / "export"
     shutil.copytree(tiny_export_dir, tampered)
     graph = tampered / read_manifest(tampered)["components"]["unet"]["files"][0]["path"]
@@ -136,3 +134,19 @@ def test_cli_bench(tiny_export_dir, tmp_path):
     assert written[0]["threads"] == {"torch": 1, "onnxruntime": 1} and torch.get_num_threads() == threads_before
     assert "batched frames/s" in result.output and f"rows -> {out}" in result.output
     assert not (tmp_path / "bench").exists()  # no log unless --log asks for one
+
+
+def test_bench_on_a_pipeline_dir_times_torch_and_says_what_to_export(tiny_pipeline_dir, tiny_export_dir):
+    """No export yet (a full-size model on a GPU): torch rows run at the asked size, ort and trt say why not."""
+    rows = run_bench(tiny_pipeline_dir, ("torch", "ort", "trt"), resolution=32, **TINY)
+    assert [(r["backend"], r["precision"]) for r in rows] == [("torch", "fp32"), ("ort", "-"), ("trt", "-")]
+    torch_row = rows[0]
+    assert torch_row["status"] == "ok" and torch_row["resolution"] == 32 and torch_row["ms_per_frame"] > 0
+    for row in rows[1:]:
+        assert row["status"].startswith("not available: ") and "lftk export" in row["status"], row
+        assert row["ms_per_frame"] is None
+    assert "32 px" in format_table(rows)
+    with pytest.raises(LftkError, match="multiple of 8"):
+        run_bench(tiny_pipeline_dir, ["torch"], resolution=30, **TINY)
+    with pytest.raises(LftkError, match=r"built for 64 px.*--model .*pipeline"):
+        run_bench(tiny_export_dir, ["ort"], resolution=128, **TINY)

@@ -418,8 +418,11 @@ def serve_cmd(
 
 @app.command("bench")
 def bench_cmd(
-    model: str = typer.Option(..., "--model", help="Export dir."),
+    model: str = typer.Option(..., "--model", help="Export dir; or a pipeline/run dir, whose torch rows alone can run."),
     backends: str = typer.Option("torch,ort,trt", help="Comma-separated backends (one row per precision the export holds)."),
+    resolution: Optional[int] = typer.Option(
+        None, help="Frame size in px for a pipeline/run dir (default: trained size, else the VAE's); an export has its own."
+    ),
     frames: int = typer.Option(15, help="Rollout length, and start frames batched into one call (at most 16)."),
     steps: Optional[int] = typer.Option(None, help="Denoising steps per frame (default: a short run; the table says how many)."),
     repeats: Optional[int] = typer.Option(None, help="Timed repeats per row, after warm-up; medians are reported."),
@@ -437,13 +440,16 @@ def bench_cmd(
     """Time backends side by side: ms per UNet step, ms per frame, frames/s (single and batched), memory, parity.
 
     Example: lftk bench --model exports/demo --backends torch,ort --frames 15 --json bench.json
+
+    A full-size model on a GPU, no export needed: lftk bench --model models/sd15 --backends torch --compile
+    --resolution 128 --steps 100
     """
     from lftk.deploy.bench import format_table, run_bench
 
     optional = {k: v for k, v in {"steps": steps, "repeats": repeats}.items() if v is not None}
     rows = run_bench(
         model, backends.split(","), frames=frames, json_path=json_path, log_path=log_path, threads=threads,
-        compile=compile, **optional,
+        compile=compile, resolution=resolution, **optional,
     )
     typer.echo(format_table(rows))
     if json_path:
