@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,3 +151,25 @@ def test_bench_on_a_pipeline_dir_times_torch_and_says_what_to_export(tiny_pipeli
         run_bench(tiny_pipeline_dir, ["torch"], resolution=30, **TINY)
     with pytest.raises(LftkError, match=r"built for 64 px.*--model .*pipeline"):
         run_bench(tiny_export_dir, ["ort"], resolution=128, **TINY)
+
+
+@pytest.mark.parametrize("script", ["bench/gpu.sh", "bench/gpu_wheels.sh"])
+def test_gpu_scripts_parse_and_name_only_real_bench_options(script):
+    """The GPU session's scripts cannot be run here: check their syntax, and that every `--option` the
+    bench line passes is one `lftk bench` takes (a renamed option would waste a lent machine)."""
+    import re
+    import subprocess
+
+    path = Path(__file__).resolve().parent.parent / script
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    text = path.read_text()
+    if "lftk bench" in text:
+        from typer.main import get_command
+
+        from lftk.cli import app
+
+        bench = get_command(app).get_command(None, "bench")
+        known = {opt for param in bench.params for opt in param.opts}
+        line = text[text.index("lftk bench --model") :].split("\n\n")[0]
+        used = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", line))
+        assert used and used <= known, used - known
