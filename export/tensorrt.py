@@ -258,6 +258,8 @@ class TrtEngine:
         return out
 
     def __call__(self, *tensors: torch.Tensor) -> torch.Tensor:
+        caller = torch.cuda.current_stream()  # where the inputs were made and the output will be used
+        self.stream.wait_stream(caller)  # the caller's last kernels (the scheduler step) may still be writing them
         with torch.cuda.stream(self.stream):
             inputs = [t.to("cuda", self._dtype(n), non_blocking=True).contiguous() for n, t in zip(self.input_names, tensors)]
             if self.cuda_graph:
@@ -270,11 +272,11 @@ class TrtEngine:
             if self.host_output:
                 out = out.cpu()  # on this stream: waits for the engine
             else:
-                out.record_stream(torch.cuda.current_stream())  # handed to work on other streams
+                out.record_stream(caller)  # made on this stream, used on the caller's: not reused before it is done
         if self.host_output:
             self.stream.synchronize()
         else:
-            torch.cuda.current_stream().wait_stream(self.stream)
+            caller.wait_stream(self.stream)
         return out
 
 
