@@ -13,8 +13,9 @@ beats several interleaved ones on any accelerator. Callers `submit` a `Job` from
    scheduler's timesteps and the guidance arithmetic are per call. Instructions, rollout lengths and
    seeds may differ: `Runner.rollout_many` gives each job its own generator, so a job's frames are the
    ones it would get alone;
-3. runs `rollout_many` once and resolves each job's future (or sets the exception on all of them:
-   a failed call fails its batch, not the server).
+3. runs `rollout_many` once and resolves each job's future. If a shared call fails, each of its jobs
+   runs again alone, so one request the runner cannot do fails itself, not its batch mates (their
+   frames alone are the frames they would have had in the batch); a failure never stops the worker.
 
 The queue is bounded (`max_queue` waiting jobs): `submit` raises `QueueFull` rather than letting
 latency grow without limit, and the server answers 503 with Retry-After. `close()` stops new
@@ -171,11 +172,14 @@ class Batcher:
                 [j.seed for j in jobs],
                 [j.horizon for j in jobs],
             )
-        except Exception as exc:  # noqa: BLE001 - handed to every waiting caller; the worker lives on
+        except Exception as exc:  # noqa: BLE001 - handed to the caller(s); the worker lives on
             self.metrics.batch_done(len(jobs), time.perf_counter() - started)
             log.error("runner call for %d request(s) failed: %s", len(jobs), exc, exc_info=not isinstance(exc, LftkError))
-            for job in jobs:
-                job.future.set_exception(exc)
+            if len(jobs) == 1:
+                first.future.set_exception(exc)
+            else:  # find the request(s) at fault: each runs alone
+                for job in jobs:
+                    self._run_batch([job])
             return
         compute = time.perf_counter() - started
         self.metrics.batch_done(len(jobs), compute)

@@ -378,10 +378,12 @@ def test_batcher_queue_limit_failures_and_draining_close():
         batcher.submit(_job("late"))
     runner.gate.set()
     closer.join(10)
-    with pytest.raises(LftkError, match="cannot do bad"):  # a failed call fails its own batch ...
+    with pytest.raises(LftkError, match="cannot do bad"):  # the request at fault fails ...
         bad.result(timeout=10)
-    assert good.done() and good.exception() is not None  # ... (bad and good shared it)
-    assert not closer.is_alive() and [c["instructions"] for c in runner.calls] == [["first"], ["bad", "good"]]
+    assert [int(f[0, 0, 0]) for f in good.result(timeout=10).frames] == [1]  # ... not the one that shared its call
+    assert not closer.is_alive()
+    assert [c["instructions"] for c in runner.calls] == [["first"], ["bad", "good"], ["bad"], ["good"]]
+    assert batcher.metrics.batches == 4
 
 
 def test_full_queue_answers_503_with_retry_after():
