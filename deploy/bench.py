@@ -346,7 +346,8 @@ def _run(
         manifest = None
         resolution = _pipeline_resolution(ref.pipeline_dir, resolution)
     starts = _start_frames(resolution, frames)
-    settings = {"resolution": resolution, "frames": frames, "steps": steps, "warmup": warmup, "repeats": repeats, "seed": seed, "scheduler": scheduler,
+    settings = {"resolution": resolution, "frames": frames, "steps": steps, "warmup": warmup, "repeats": repeats,
+                "seed": seed, "scheduler": scheduler,
                 "threads": {"torch": torch.get_num_threads(), "onnxruntime": threads or "default"}}
     cases = sorted(_cases(manifest, backends, compile), key=lambda c: c != REFERENCE)  # the reference first
     want_baseline = any(p == "int8" for _, p in cases)
@@ -400,20 +401,11 @@ def _run(
 
 def _pipeline_resolution(pipeline_dir: Path, requested: int | None) -> int:
     """Frame size for a pipeline without an export: as asked, else the trained one, else the VAE's native."""
-    from lftk.model.base import read_meta
+    from lftk.export.onnx_export import pick_resolution
 
-    if requested is not None:
-        if requested < 8 or requested % 8:
-            raise LftkError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {requested}")
-        return int(requested)
-    trained = read_meta(pipeline_dir).get("resolution")
-    if trained:
-        return int(trained)
-    vae_config = pipeline_dir / "vae" / "config.json"
-    try:
-        return int(json.loads(vae_config.read_text())["sample_size"])
-    except (OSError, ValueError, KeyError) as exc:
-        raise LftkError(f"{vae_config}: no sample_size to take the resolution from ({exc}); pass --resolution") from exc
+    if requested is not None and (requested < 8 or requested % 8):
+        raise LftkError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {requested}")
+    return pick_resolution(pipeline_dir, None, requested)
 
 
 def _reference(runner: Runner, starts, steps, seed, want_baseline: bool, frames: np.ndarray | None = None):

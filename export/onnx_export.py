@@ -39,13 +39,22 @@ PARITY_FILE = "parity.json"
 
 
 def pick_resolution(pipeline_dir: Path, pipe, requested: int | None) -> int:
-    """The trained resolution (lftk_model.json), unless asked otherwise; else the VAE's native size."""
+    """The trained resolution (lftk_model.json), unless asked otherwise; else the VAE's native size.
+    `pipe`: the loaded pipeline, or None to read the VAE's config from `pipeline_dir`."""
     trained = read_meta(pipeline_dir).get("resolution")
     if requested is not None:
         if trained and int(trained) != int(requested):
-            log.warning("exporting at %d px although the model was trained at %s px (lftk_model.json)", requested, trained)
+            log.warning("running at %d px although the model was trained at %s px (lftk_model.json)", requested, trained)
         return int(requested)
-    return int(trained or pipe.vae.config.sample_size)
+    if trained:
+        return int(trained)
+    if pipe is not None:
+        return int(pipe.vae.config.sample_size)
+    vae_config = Path(pipeline_dir) / "vae" / "config.json"
+    try:
+        return int(json.loads(vae_config.read_text())["sample_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise LftkError(f"{vae_config}: no sample_size to take the resolution from ({exc}); give the resolution") from exc
 
 
 def _place(tmp_file: Path, dest: Path) -> list[Path]:

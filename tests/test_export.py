@@ -192,6 +192,11 @@ def test_resolution_choice(tmp_path):
 
     pipe = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(sample_size=512)))
     assert pick_resolution(tmp_path, pipe, None) == 512  # no record: the VAE's native size
+    with pytest.raises(LftkError, match=r"vae/config.json: no sample_size"):
+        pick_resolution(tmp_path, None, None)  # not loaded, and no VAE config on disk either
+    (tmp_path / "vae").mkdir()
+    (tmp_path / "vae" / "config.json").write_text('{"sample_size": 256}')
+    assert pick_resolution(tmp_path, None, None) == 256  # not loaded: read from the pipeline dir
     write_meta(tmp_path, {"resolution": 64})
     assert pick_resolution(tmp_path, pipe, None) == 64  # the trained resolution
     assert pick_resolution(tmp_path, pipe, 128) == 128  # an explicit request wins (with a warning)
