@@ -155,7 +155,32 @@ def test_progressive_resolution_and_cosine_schedule(tmp_path, monkeypatch, tiny_
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, monkeypatch, capsys, tiny_pairs_dir, tiny_pipeline_dir):
+    """A NaN loss after two good checkpoints: exit 2, `latest` still names the last good one, no final."""
+    import lftk.train.loop as loop
+
+    real_loss, calls = loop.training_loss, []
+
+    def loss_nan_at_third_step(*args, **kwargs):
+        loss, *rest = real_loss(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) == 3 else loss), *rest
+
+    monkeypatch.setattr(loop, "training_loss", loss_nan_at_third_step)
     run = tmp_path / "nan"
+    code = _train(
+        monkeypatch, f"output_dir={run}", f"data.path={tiny_pairs_dir}", f"model.base={tiny_pipeline_dir}",
+        "max_steps=6", "train.batch_size=2", "train.warmup_steps=0", "train.checkpoint_every=1",
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "loss is nan at step 2" in err and "last good checkpoint" in err
+    assert (run / "checkpoints" / "latest").read_text() == "step0000002" and not (run / "final").exists()
+
+
+def test_diverged_weights_are_not_checkpointed(tmp_path, monkeypatch, capsys, tiny_pairs_dir, tiny_pipeline_dir):
+    """lr 1e30: the first step's loss is finite but the weights it leaves are useless. The validation loss
+    at the checkpoint says so, and they are not saved as a checkpoint to resume from."""
+    run = tmp_path / "diverged"
     code = _train(
         monkeypatch, f"output_dir={run}", f"data.path={tiny_pairs_dir}", f"model.base={tiny_pipeline_dir}",
         "max_steps=6", "train.batch_size=2", "train.lr=1e30", "train.max_grad_norm=0", "train.warmup_steps=0",
@@ -163,8 +188,8 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_checkpoint(tmp_path, mo
     )
     assert code == 2
     err = capsys.readouterr().err
-    assert "loss is" in err and "last good checkpoint" in err
-    assert (run / "checkpoints" / "latest").is_file() and not (run / "final").exists()
+    assert "validation loss is nan at step 1: the weights have diverged" in err
+    assert not (run / "checkpoints" / "latest").exists() and not (run / "final").exists()
 
 
 def test_perceptual_and_adversarial_terms(tmp_path, monkeypatch, capsys, tiny_pairs_dir, tiny_pipeline_dir):

@@ -268,6 +268,11 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
             at_checkpoint = (t.checkpoint_every and step % t.checkpoint_every == 0) or step == steps
             if (t.val_every and step % t.val_every == 0) or at_checkpoint:
                 vl = val_loss(engine.module, s, s.datasets(t.resolution_at(step - 1, steps))[1])
+                if vl is not None and not math.isfinite(vl):  # every rank sees the same: all stop together
+                    raise LftkError(
+                        f"validation loss is {vl} at step {step}: the weights have diverged; stopping before they are "
+                        "saved (checkpoints written so far are kept)"
+                    )
                 if s.rank == 0 and vl is not None:
                     s.run.log_metrics({"step": step, "val_loss": vl, **_val_metrics(s, t.resolution_at(step - 1, steps))})
             if at_checkpoint:
