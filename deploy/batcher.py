@@ -54,9 +54,9 @@ class Job:
     image: np.ndarray  # (H, W, 3) uint8, H = W = runner.resolution
     instruction: str
     frames: int = 1
-    steps: int = 20
-    guidance: float = 7.5
-    image_guidance: float = 1.5
+    steps: int | None = None  # None: the runner's (the model's) default
+    guidance: float | None = None
+    image_guidance: float | None = None
     seed: int = 0
     horizon: int | None = None  # frames ahead per step; None: the model's own
     future: Future = field(default_factory=Future, repr=False)
@@ -183,6 +183,6 @@ class Batcher:
             return
         compute = time.perf_counter() - started
         self.metrics.batch_done(len(jobs), compute)
-        log.debug("batch of %d (%d steps, up to %d frames) in %.3f s", len(jobs), first.steps, max(j.frames for j in jobs), compute)
+        log.debug("batch of %d (%s steps, up to %d frames) in %.3f s", len(jobs), first.steps, max(j.frames for j in jobs), compute)
         for job, out in zip(jobs, frames):
             job.future.set_result(Result(out, started - job.enqueued, compute, len(jobs)))

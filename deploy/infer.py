@@ -139,11 +139,11 @@ def run_infer(
     backend: str = "ort",
     frames: int = 15,
     mode: str = "rollout",
-    steps: int = 20,
+    steps: int | None = None,
     seed: int = 0,
     out: Path = Path("infer_out"),
-    guidance: float = 7.5,
-    image_guidance: float = 1.5,
+    guidance: float | None = None,
+    image_guidance: float | None = None,
     scheduler: str = "euler_a",
     precision: str | None = None,
     horizons: Sequence[int] | None = None,
@@ -160,12 +160,13 @@ def run_infer(
     `episode`: an episode dir: IMAGE and the instruction default to its frame `start_frame` and its
     instruction, and its true future frames are written beside the predictions (truth_*.png,
     compare.gif) with each prediction's PSNR against them in timing.json.
+    `steps`, `guidance`, `image_guidance` left None are the model's own (lftk_model.json "sampling").
     """
     from lftk.model.postprocess import make_postprocess
 
     if mode not in MODES:
         raise LftkError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
-    if frames < 1 or steps < 1:
+    if frames < 1 or (steps is not None and steps < 1):
         raise LftkError(f"--frames and --steps must be >= 1 (got frames={frames}, steps={steps})")
     post = make_postprocess(postprocess)  # a typo fails before the model loads
     ep = _open_episode(episode, start_frame) if episode is not None else None
@@ -184,6 +185,8 @@ def run_infer(
     runner.postprocess = post
     current = load_rgb(image, runner.resolution)
     offsets = _offsets(runner, mode, frames, horizons)
+    params = runner.sampling.overridden(steps=steps, guidance=guidance, image_guidance=image_guidance)
+    steps, guidance, image_guidance = params.steps, params.guidance, params.image_guidance
     load_s = time.perf_counter() - t0
 
     be.reset_stats()

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from lftk.errors import LftkError
+from lftk.runtime.params import SamplingParams
 from lftk.export.contract import MAX_FRAMES, TextEncoderContract
 from lftk.export.sampling import IP2PSampler, images_to_model, make_scheduler, model_to_unit, unit_to_uint8
 
@@ -40,8 +41,11 @@ class Runner:
         resolution: int,
         prompt_template: str = DEFAULT_TEMPLATE,
         horizons: Sequence[int] = (),
+        sampling: SamplingParams | None = None,
     ):
         self.backend = backend
+        # What a call leaves as None (steps, guidance, image guidance): the model's recorded defaults.
+        self.sampling = sampling or SamplingParams()
         self.tokenizer = tokenizer
         self.resolution = int(resolution)
         self.prompt_template = prompt_template
@@ -77,6 +81,7 @@ class Runner:
             backend.resolution,
             template,
             horizons,
+            SamplingParams.for_model(meta),
         )
 
     @property
@@ -132,9 +137,9 @@ class Runner:
         self,
         images: np.ndarray,
         instruction: str | Sequence[str],
-        steps: int = 20,
-        guidance: float = 7.5,
-        image_guidance: float = 1.5,
+        steps: int | None = None,
+        guidance: float | None = None,
+        image_guidance: float | None = None,
         seed: int | Sequence[int] = 0,
         horizon: int | None | Sequence[int | None] = None,
     ) -> torch.Tensor:
@@ -143,7 +148,10 @@ class Runner:
         `instruction`, `seed`, `horizon`: one for all frames, or a list with one per frame. One seed
         draws all frames' noise from one generator (diffusers' way); a list gives each frame its own, so
         frame i comes out as it would alone: that is how separate requests share UNet calls.
+        `steps`, `guidance`, `image_guidance` left None are the model's (`self.sampling`).
         """
+        p = self.sampling.overridden(steps=steps, guidance=guidance, image_guidance=image_guidance)
+        steps, guidance, image_guidance = p.steps, p.guidance, p.image_guidance
         images = self._check_frames(images)
         batch = images.shape[0]
         instructions = self._per_frame(instruction, batch, "instructions")
@@ -162,9 +170,9 @@ class Runner:
         self,
         images: np.ndarray,
         instruction: str | Sequence[str],
-        steps: int = 20,
-        guidance: float = 7.5,
-        image_guidance: float = 1.5,
+        steps: int | None = None,
+        guidance: float | None = None,
+        image_guidance: float | None = None,
         seed: int | Sequence[int] = 0,
         horizon: int | None | Sequence[int | None] = None,
     ) -> np.ndarray:
@@ -195,9 +203,9 @@ class Runner:
         image: np.ndarray,
         instruction: str,
         frames: int,
-        steps: int = 20,
-        guidance: float = 7.5,
-        image_guidance: float = 1.5,
+        steps: int | None = None,
+        guidance: float | None = None,
+        image_guidance: float | None = None,
         seed: int = 0,
         horizon: int | None = None,
     ) -> list[np.ndarray]:
@@ -212,9 +220,9 @@ class Runner:
         images: np.ndarray,
         instructions: Sequence[str],
         frames: Sequence[int],
-        steps: int = 20,
-        guidance: float = 7.5,
-        image_guidance: float = 1.5,
+        steps: int | None = None,
+        guidance: float | None = None,
+        image_guidance: float | None = None,
         seeds: Sequence[int] | None = None,
         horizon: int | None | Sequence[int | None] = None,
     ) -> list[list[np.ndarray]]:
@@ -262,9 +270,9 @@ class Runner:
         image: np.ndarray,
         instruction: str,
         horizons: Sequence[int],
-        steps: int = 20,
-        guidance: float = 7.5,
-        image_guidance: float = 1.5,
+        steps: int | None = None,
+        guidance: float | None = None,
+        image_guidance: float | None = None,
         seed: int = 0,
     ) -> list[np.ndarray]:
         """(H, W, 3) uint8 -> one prediction per horizon (frames ahead), all from this frame, in one batch.

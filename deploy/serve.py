@@ -2,8 +2,8 @@
 
 Endpoints
   POST /predict   multipart/form-data: `image` (file: PNG, JPEG, WebP or BMP), `instruction` (text),
-                  optional `frames` (rollout length, default 1), `steps` (default 20), `seed` (default 0),
-                  `guidance` (7.5), `image_guidance` (1.5). Answers JSON
+                  optional `frames` (rollout length, default 1), `seed` (default 0), `steps`, `guidance`,
+                  `image_guidance` (default: the model's, from its lftk_model.json, else lftk.runtime.params.SamplingParams'). Answers JSON
                   {"frames": [base64 PNG, ...], "resolution": R, "params": {...},
                    "timing": {"queue_ms", "compute_ms", "total_ms", "batch_size"}};
                   errors are {"error": "FIELD: reason", "field": FIELD} with a 4xx/5xx status
@@ -120,6 +120,10 @@ def create_app(batcher: Batcher, limits: Limits, info: dict):
             params, image_bytes = await _read_request(request, limits)
             image = await run_in_threadpool(decode_image, image_bytes, resolution, limits.max_pixels)
             check_prompt(params)
+            sampling = batcher.runner.sampling.overridden(
+                steps=params.steps, guidance=params.guidance, image_guidance=params.image_guidance
+            )
+            params = dataclasses.replace(params, **sampling.to_dict())  # the answer states what ran
             job = Job(
                 image, params.instruction, params.frames, params.steps, params.guidance, params.image_guidance,
                 params.seed, params.horizon,

@@ -61,14 +61,15 @@ class Limits:
 
 @dataclass(frozen=True)
 class Params:
-    """A request's text fields, parsed and in range; defaults as `lftk infer`'s, except one frame."""
+    """A request's text fields, parsed and in range; defaults as `lftk infer`'s, except one frame.
+    steps, guidance and image guidance left None are the model's own (the runner's `sampling`)."""
 
     instruction: str
     frames: int = 1
-    steps: int = 20
+    steps: int | None = None
     seed: int = 0
-    guidance: float = 7.5
-    image_guidance: float = 1.5
+    guidance: float | None = None
+    image_guidance: float | None = None
     horizon: int | None = None  # frames ahead per step (a horizon-conditioned model); None: the model's
 
 

@@ -28,6 +28,7 @@ from lftk.export.contract import ComponentContract
 from lftk.export.parity import ComponentNetworks
 from lftk.export.sampling import IP2PSampler, images_to_model
 from lftk.model.resolve import ModelRef
+from lftk.runtime.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,10 @@ def gather(
     pairs: int = CALIB_PAIRS,
     steps: int = CALIB_STEPS,
     seed: int = 0,
+    sampling: SamplingParams = SamplingParams(),
 ) -> Calibration:
-    """Record the UNet inputs of `steps`-step sampling runs over `pairs` training pairs."""
+    """Record the UNet inputs of `steps`-step sampling runs over `pairs` training pairs, guided as
+    `sampling` says (the model's defaults: the three CFG branches the runner will feed)."""
     split, chosen = pick_pairs(Path(pair_dir), pairs)
     calib = Calibration(Path(pair_dir), split, [p.name for p in chosen])
     unet = contracts["unet"]
@@ -133,8 +136,8 @@ def gather(
             frame = images_to_model(load_rgb(pair.current, resolution)[None])
             # The pair's own horizon: the prompt training gave this pair (pairs drawn from the model's horizons).
             embeds = sampler.encode_prompt(pipe.tokenizer, pair.format(template))
-            # The runner's default guidance, so the three CFG branches are the ones it will feed.
-            sampler.denoise(frame, embeds, steps, 7.5, 1.5, torch.Generator().manual_seed(seed + k))
+            sampler.denoise(frame, embeds, steps, sampling.guidance, sampling.image_guidance,
+                            torch.Generator().manual_seed(seed + k))
     for split_name in HELDOUT_SPLITS:
         if (Path(pair_dir) / split_name).is_dir() and len(held := PairSet(pair_dir, split_name)):
             pair = held[0]

@@ -24,6 +24,7 @@ from lftk.errors import LftkError
 from lftk.export.contract import ComponentContract
 from lftk.export.ort_graph import DEFAULT_PROVIDERS, OrtGraph
 from lftk.export.sampling import IP2PSampler, images_to_model, model_to_unit
+from lftk.runtime.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +104,12 @@ def parity_image(resolution: int, seed: int = 0) -> np.ndarray:
 @torch.inference_mode()
 def sample_frame(pipe, nets, image: np.ndarray, prompt: str, steps: int, seed: int) -> np.ndarray:
     """(1, H, W, 3) uint8 frame -> (1, H, W, 3) float prediction in [0, 1], over `nets`, with the
-    pipeline's scheduler, tokenizer and VAE scaling (CFG 7.5 / image 1.5, as the runner's defaults)."""
+    pipeline's scheduler, tokenizer and VAE scaling, and lftk's default guidance (all three CFG branches)."""
     sampler = IP2PSampler(nets, pipe.scheduler, pipe.vae.config.scaling_factor)
     embeds = sampler.encode_prompt(pipe.tokenizer, prompt)
-    latents = sampler.denoise(images_to_model(image), embeds, steps, 7.5, 1.5, torch.Generator().manual_seed(seed))
+    p = SamplingParams()
+    latents = sampler.denoise(images_to_model(image), embeds, steps, p.guidance, p.image_guidance,
+                              torch.Generator().manual_seed(seed))
     return model_to_unit(sampler.decode(latents))
 
 

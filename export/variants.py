@@ -13,11 +13,13 @@ from pathlib import Path
 
 from lftk.errors import LftkError
 from lftk.export import calibration, fp16, quantize
-from lftk.export.manifest import file_record, graph_sha256
+from lftk.export.manifest import PIPELINE_DIR, file_record, graph_sha256
 from lftk.export.ort_graph import OrtGraph
 from lftk.export.parity import ComponentNetworks, open_graphs, parity_image, psnr, sample_frame
 from lftk.export.precision import Format, Precision, target
 from lftk.export.stages import Report, human_size, stage
+from lftk.model.base import read_meta
+from lftk.runtime.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +99,8 @@ def build_int8(
     row = target(Format.ONNX, Precision.INT8)
     res = int(manifest["resolution"])
     with stage(report, "calib", "unet") as st:
-        calib = calibration.gather(pipe, contracts, pair_dir, res, template, calib_pairs, calib_steps)
+        sampling = SamplingParams.for_model(read_meta(out / PIPELINE_DIR))  # the CFG branches the runner will feed
+        calib = calibration.gather(pipe, contracts, pair_dir, res, template, calib_pairs, calib_steps, sampling=sampling)
         st.done(note=f"{len(calib.feeds)} UNet batches from {len(calib.pairs)} {calib.split} pairs of {pair_dir}")
     variants = {}
     for name in (c for c in manifest["components"] if row.covers(c)):

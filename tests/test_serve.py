@@ -27,6 +27,7 @@ from PIL import Image
 from lftk.deploy.batcher import Batcher, Job, QueueFull, ShuttingDown
 from lftk.deploy.metrics import Metrics, parse_samples
 from lftk.errors import LftkError, NotAvailableError
+from lftk.runtime.params import SamplingParams
 
 REPO = Path(__file__).resolve().parent.parent
 RES = 64  # the tiny model's resolution
@@ -309,6 +310,7 @@ class ScriptedRunner:
 
     resolution = 4
     prompt_template, horizons = "{instruction}", []
+    sampling = SamplingParams()  # the model's defaults, as Runner.from_backend reads them
 
     def prompt(self, instruction, horizon=None):
         return instruction

@@ -11,6 +11,7 @@ from typing import List, Optional
 import typer
 
 from lftk.errors import LftkError
+from lftk.runtime.params import SamplingParams as _SP  # defaults named in --help
 
 app = typer.Typer(
     add_completion=False,
@@ -171,24 +172,27 @@ def data_inspect(path: Path = typer.Argument(..., help="An episodes dir or a pai
 def init_base_cmd(
     out: Path = typer.Argument(..., help="Output pipeline dir."),
     preset: str = typer.Option("tiny", help="tiny (CPU, VAE fitted on --frames) | sd15 (full size, random weights)."),
-    frames: Optional[Path] = typer.Option(None, help="Episodes dir whose frames fit the tiny VAE."),
-    vae_steps: int = typer.Option(400, min=0, help="VAE fitting steps (tiny); 0 keeps a random VAE, no --frames needed."),
+    frames: Optional[Path] = typer.Option(
+        None, help="Frames the tiny VAE is fitted on: a pair dir (fit on train, figures on val), an episodes dir "
+        "(every 10th episode held out for the figures) or a dir of frames."
+    ),
+    vae_steps: Optional[int] = typer.Option(None, min=0, help="VAE fitting steps (default: the preset's); 0 keeps a random VAE, no --frames needed."),
     seed: int = typer.Option(0),
 ) -> None:
     """Build a base InstructPix2Pix pipeline from configs.
 
-    Example: lftk init-base models/tiny-base --preset tiny --frames data/episodes
+    Example: lftk init-base models/tiny-base --preset tiny --frames data/pairs
     """
     from lftk.model.base import init_base
 
-    frame_paths: list[Path] = []
-    if frames is not None:
-        if not frames.is_dir():
-            raise LftkError(f"--frames {frames}: not a directory")
-        frame_paths = sorted(p for p in frames.rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-        if not frame_paths:
-            raise LftkError(f"--frames {frames}: no .jpg/.png frames found")
-    init_base(out, preset=preset, frames=frame_paths, vae_steps=vae_steps, seed=seed)
+    _, meta = init_base(out, preset=preset, frames=frames, vae_steps=vae_steps, seed=seed)
+    fit = meta.get("vae_fit")
+    if fit:
+        missing = "n/a (no simulator states)" if fit["objects_missing"] is None else f"{fit['objects_missing']:.2f}"
+        typer.echo(
+            f"vae fit: {fit['steps']} steps on {fit['fit_frames']} frames in {fit['fit_seconds']:.0f} s; on {fit['frames']} "
+            f"{fit['scored_on']}: reconstruction PSNR {fit['recon_psnr_db']:.2f} dB, objects missing {missing}"
+        )
     _done(f"base pipeline ({preset}) -> {out}")
 
 
@@ -237,7 +241,9 @@ def eval_cmd(
     data: Optional[Path] = typer.Option(None, "--data", help="Pair dir (its --split is used)."),
     baselines: str = typer.Option("copy,zero-shot,rollout", help="Comma-separated: copy, zero-shot, rollout."),
     out: Optional[Path] = typer.Option(None, help="Report dir (default: MODEL/eval or ./eval)."),
-    steps: int = typer.Option(20, min=1, help="Denoising steps."),
+    steps: Optional[int] = typer.Option(None, min=1, help=f"Denoising steps (default: the model's, else {_SP.steps})."),
+    guidance: Optional[float] = typer.Option(None, min=0.0, help=f"Text guidance scale (default: the model's, else {_SP.guidance})."),
+    image_guidance: Optional[float] = typer.Option(None, min=0.0, help=f"Image guidance scale (default: the model's, else {_SP.image_guidance})."),
     split: str = typer.Option("test", help="Split to evaluate."),
     max_samples: Optional[int] = typer.Option(None, min=1, help="Evaluate at most this many pairs (spread over the split)."),
     rollout_steps: int = typer.Option(2, min=2, help="Rollout baseline: steps of the model fed its own outputs."),
@@ -272,7 +278,8 @@ def eval_cmd(
     out = out or (Path(model) / "eval" if Path(model).is_dir() else Path("eval"))
     names = tuple(b.strip() for b in baselines.split(",") if b.strip())
     report = evaluate(
-        model, data, out, split=split, steps=steps, seed=seed, max_samples=max_samples, baselines=names,
+        model, data, out, split=split, steps=steps, guidance=guidance, image_guidance=image_guidance, seed=seed,
+        max_samples=max_samples, baselines=names,
         batch_size=batch_size, rollout_steps=rollout_steps, rollout_samples=rollout_samples,
         postprocess=parse_steps(postprocess),
     )
@@ -328,10 +335,10 @@ def infer_cmd(
     horizon: Optional[str] = typer.Option(
         None, help="Frames ahead: rollout: the step Δ (default: the model's); sweep: a list, e.g. 25,50,100 (default: all trained)."
     ),
-    steps: int = typer.Option(20, min=1, help="Denoising steps per frame."),
+    steps: Optional[int] = typer.Option(None, min=1, help=f"Denoising steps per frame (default: the model's, else {_SP.steps})."),
     seed: int = typer.Option(0, help="Same seed, same frames (on the same backend)."),
-    guidance: float = typer.Option(7.5, help="Text guidance scale."),
-    image_guidance: float = typer.Option(1.5, help="Image guidance scale."),
+    guidance: Optional[float] = typer.Option(None, min=0.0, help=f"Text guidance scale (default: the model's, else {_SP.guidance})."),
+    image_guidance: Optional[float] = typer.Option(None, min=0.0, help=f"Image guidance scale (default: the model's, else {_SP.image_guidance})."),
     scheduler: str = typer.Option("euler_a", help="euler_a (InstructPix2Pix's) | ddim | dpmpp (DPM-Solver++)."),
     postprocess: Optional[str] = typer.Option(None, help="color, sharpen or color,sharpen (off by default; README: Post-processing)."),
     episode: Optional[Path] = typer.Option(None, help="Episode dir: start from its frame and write its true frames beside the predictions."),

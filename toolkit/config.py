@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, get_args, get_origin
@@ -18,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from lftk.errors import ConfigError
+from lftk.runtime.params import SamplingParams
 
 
 class Strict(BaseModel):
@@ -157,6 +159,10 @@ class LossConfig(Strict):
         None, description="Local torchvision VGG16 state dict (.pth); without it the perceptual term is off."
     )
     disc_lr: float = Field(1e-4, gt=0, description="Learning rate of the patch discriminator.")
+    colour_weight: float = Field(
+        0.0, ge=0, description="Diffusion loss weight of latent cells holding saturated colour (small objects) in the "
+        "current or future frame: 1 + this, normalised to mean 1; 0 = uniform. Loads both frames' pixels each step."
+    )
 
 
 class ResolutionStage(Strict):
@@ -232,6 +238,34 @@ class TrainConfig(Strict):
         return self.resolution
 
 
+class SamplingConfig(Strict):
+    """The sampling defaults the trained model records in final/lftk_model.json (eval, infer and serve
+    use them unless told otherwise). Lists of scales are candidates: each (text, image) pair is scored
+    on the val split after training and the best is recorded (lftk.train.tune)."""
+
+    steps: int = Field(SamplingParams.steps, ge=1, description="Denoising steps per frame.")
+    guidance: list[float] = Field(
+        [SamplingParams.guidance], min_length=1, description="Text guidance scale, or candidates to choose from on the val split."
+    )
+    image_guidance: list[float] = Field(
+        [SamplingParams.image_guidance], min_length=1,
+        description="Image guidance scale, or candidates to choose from on the val split.",
+    )
+    tune_samples: int = Field(24, ge=1, description="Val pairs each candidate is scored on (more = a surer choice, slower).")
+
+    @field_validator("guidance", "image_guidance", mode="before")
+    @classmethod
+    def _one_is_a_list(cls, v):
+        return [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    @field_validator("guidance", "image_guidance")
+    @classmethod
+    def _finite_positive(cls, v: list[float]) -> list[float]:
+        if any(not math.isfinite(x) or x < 0 for x in v):
+            raise ValueError("guidance scales must be finite and >= 0")
+        return v
+
+
 class Recipe(Strict):
     seed: int = Field(0, description="Seeds data order, noise, dropout.")
     output_dir: str = Field(description="Run dir (runs/NAME); created if missing.")
@@ -239,6 +273,7 @@ class Recipe(Strict):
     data: DataConfig
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> "Recipe":

@@ -36,6 +36,7 @@ from lftk.eval.motion import MOTION_THRESHOLD, dilation_radius
 from lftk.eval.perceptual import load_lpips
 from lftk.model.postprocess import make_postprocess, parse_steps
 from lftk.eval.rollout import ROLLOUT_SAMPLES, run_rollout
+from lftk.runtime.params import META_KEY as SAMPLING_KEY, SamplingParams
 from lftk.eval.scoring import COLUMNS, add_errors, build_target, row_base, score_prediction
 
 log = logging.getLogger(__name__)
@@ -124,14 +125,19 @@ def _resolution(meta: dict, pipe) -> int:
     return size
 
 
-def _setup(model: str | Path, device: str, baselines: Sequence[str], **knobs):
-    """Load the model; its settings (resolution and prompt template as trained); the predictors of
-    the model and the baselines that can be had; {name: reason} for those that cannot; LPIPS or None."""
+def _setup(model: str | Path, device: str, baselines: Sequence[str], sampling: dict, **knobs):
+    """Load the model; its settings (resolution and prompt template as trained, sampling parameters
+    as recorded by the model unless given in `sampling`); the predictors of the model and the
+    baselines that can be had; {name: reason} for those that cannot; LPIPS or None."""
     ref, pipe, meta = _load_model(model, device)
+    params = SamplingParams.for_model(meta, **sampling)
     settings = EvalSettings(
         resolution=_resolution(meta, pipe),
         prompt_template=meta.get("prompt_template") or DEFAULT_TEMPLATE,
         device=device,
+        steps=params.steps,
+        guidance=params.guidance,
+        image_guidance=params.image_guidance,
         **knobs,
     )
     template_fields(settings.prompt_template)  # a broken template fails here, not mid-run
@@ -189,9 +195,19 @@ def with_postprocess(methods: dict[str, Predictor], steps: Sequence[str]) -> dic
     return out
 
 
-def _check_args(steps: int, max_samples: int | None, batch_size: int, rollout_steps: int, rollout_samples: int) -> None:
+def _sampling_source(given: dict, meta: dict) -> str:
+    """Where the sampling parameters came from, for the report."""
+    if all(v is not None for v in given.values()):
+        return "given"
+    recorded = meta.get(SAMPLING_KEY) or {}
+    own = "the model's lftk_model.json" + (f" (tuned on {recorded['tuned_on']})" if recorded.get("tuned_on") else "")
+    source = own if recorded else "lftk's defaults"
+    return source if all(v is None for v in given.values()) else f"given, else {source}"
+
+
+def _check_args(steps: int | None, max_samples: int | None, batch_size: int, rollout_steps: int, rollout_samples: int) -> None:
     problems = []
-    if steps < 1:
+    if steps is not None and steps < 1:
         problems.append(f"steps must be >= 1, got {steps}")
     if max_samples is not None and max_samples < 1:
         problems.append(f"max_samples must be >= 1, got {max_samples}")
@@ -219,9 +235,9 @@ def evaluate(
     data: Path,
     out: Path,
     split: str = "test",
-    steps: int = 20,
-    guidance: float = 7.5,
-    image_guidance: float = 1.5,
+    steps: int | None = None,
+    guidance: float | None = None,
+    image_guidance: float | None = None,
     seed: int = 0,
     max_samples: int | None = None,
     baselines: Sequence[str] = DEFAULT_BASELINES,
@@ -235,7 +251,8 @@ def evaluate(
 
     `max_samples` takes that many samples spread evenly over the split (so every task is seen),
     not the first ones. A baseline or metric that cannot be had here is listed in the report's
-    "unavailable" with the reason; the rest of the evaluation goes on.
+    "unavailable" with the reason; the rest of the evaluation goes on. `steps`, `guidance` and
+    `image_guidance` left None are the model's own (lftk_model.json "sampling"), else SamplingParams'.
     """
     from lftk.eval.figures import write_figures
     from lftk.eval.report import build_sections, write_report
@@ -250,9 +267,9 @@ def evaluate(
     picks = [pairs[i] for i in spread_indices(len(pairs), max_samples)]
 
     t0 = time.perf_counter()
+    given = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance}
     ref, meta, settings, methods, unavailable, lpips = _setup(
-        model, device, names, steps=steps, guidance=guidance, image_guidance=image_guidance, seed=seed,
-        batch_size=batch_size,
+        model, device, names, given, seed=seed, batch_size=batch_size,
     )
     model_predict = methods[MODEL_METHOD]
     methods = with_postprocess(methods, post)
@@ -298,9 +315,10 @@ def evaluate(
         "settings": {
             "resolution": settings.resolution,
             "prompt_template": settings.prompt_template,
-            "steps": steps,
-            "guidance": guidance,
-            "image_guidance": image_guidance,
+            "steps": settings.steps,
+            "guidance": settings.guidance,
+            "image_guidance": settings.image_guidance,
+            "sampling_from": _sampling_source(given, meta),
             "seed": seed,
             "max_samples": max_samples,
             "batch_size": batch_size,

@@ -161,7 +161,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"{report['n_samples']} samples from {report['n_episodes']} episodes of split `{report['split']}` in "
         f"`{report['data']}`, at {s['resolution']} px; {s['steps']} steps, guidance {s['guidance']}, "
-        f"image guidance {s['image_guidance']}, seed {s['seed']}.",
+        f"image guidance {s['image_guidance']} ({s.get('sampling_from', 'given')}), seed {s['seed']}.",
         f"Mean [95% interval]: bootstrap over episodes ({report['bootstrap']['resamples']} resamples); "
         "n/a where a metric does not apply; with few episodes the intervals are coarse.",
         "",

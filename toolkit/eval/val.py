@@ -20,6 +20,7 @@ import numpy as np
 from lftk.data.inspect import spread_indices
 from lftk.data.pairset import Pair
 from lftk.eval.methods import MODEL_METHOD, EvalSettings, PipelinePredictor, copy_predictor
+from lftk.runtime.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,8 @@ def val_metrics(
     prompt_template: str = "{instruction}",
     max_samples: int = 8,
     steps: int = 10,
-    guidance: float = 7.5,
-    image_guidance: float = 1.5,
+    guidance: float = SamplingParams.guidance,
+    image_guidance: float = SamplingParams.image_guidance,
     seed: int = 0,
     batch_size: int = 4,
     with_copy: bool = False,

@@ -97,9 +97,12 @@ class PatchDiscriminator(nn.Module):
 
 
 def x0_estimate(scheduler, noisy: torch.Tensor, noise_pred: torch.Tensor, steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x0 latent estimate, ᾱ_t per sample)."""
+    """(x0 latent estimate, ᾱ_t per sample) from the UNet's output: noise, or velocity (v-prediction)."""
     alpha_bar = scheduler.alphas_cumprod.to(noisy.device)[steps].float().view(-1, 1, 1, 1)
-    x0 = (noisy - (1 - alpha_bar).sqrt() * noise_pred) / alpha_bar.sqrt()
+    if scheduler.config.prediction_type == "v_prediction":
+        x0 = alpha_bar.sqrt() * noisy - (1 - alpha_bar).sqrt() * noise_pred
+    else:
+        x0 = (noisy - (1 - alpha_bar).sqrt() * noise_pred) / alpha_bar.sqrt()
     return x0, alpha_bar.view(-1)
 
 

@@ -54,6 +54,7 @@ class PairDataset(Dataset):
     def __init__(self, items: PairSet, resolution: int, tokenizer, template: str, latents=None):
         self.items = items  # kept as is: its columns are shared with DataLoader workers, not copied
         self.future_pixels = False  # also return the future frame's pixels with cached latents (aux losses)
+        self.current_pixels = False  # and the current frame's (colour-weighted loss)
         self.resolution = resolution
         self.tokenizer = tokenizer
         self.template = template
@@ -80,6 +81,8 @@ class PairDataset(Dataset):
         if self.latents is not None:
             if self.future_pixels:
                 row["future"] = self._pixels(items.future(i))
+            if self.current_pixels:
+                row["current"] = self._pixels(items.current(i))
             return {**row, **self.latents.row(i)}
         return {**row, "current": self._pixels(items.current(i)), "future": self._pixels(items.future(i))}
 

@@ -56,7 +56,9 @@ class Setup:
                 if ds is not None and self.recipe.train.cache_latents:
                     ds.latents = _latents(self, split, ds)
                 if ds is not None:
-                    ds.future_pixels = self.future_pixels
+                    colour = self.recipe.train.loss.colour_weight > 0  # needs both frames' pixels
+                    ds.future_pixels = self.future_pixels or colour
+                    ds.current_pixels = colour
                 made.append(ds)
             self._datasets[resolution] = tuple(made)
         return self._datasets[resolution]
@@ -159,9 +161,20 @@ def _val_metrics(s: Setup, resolution: int) -> dict:
                        max_samples=t.val_samples, seed=s.recipe.seed, with_copy=True)
 
 
+def _sampling_defaults(s: Setup, resolution: int) -> dict:
+    """What final/lftk_model.json records under "sampling": the recipe's, or the best of its candidates."""
+    from lftk.train.tune import tune_sampling, untuned
+
+    cfg = s.recipe.sampling
+    if s.recipe.train.zero_stage == 3:  # sharded weights: rank 0 alone cannot run the pipeline
+        return untuned(cfg, "ZeRO-3 shards the weights: run lftk eval with --guidance/--image-guidance to compare")
+    return tune_sampling(s.pipe, s.val_pairs, resolution, s.recipe.data.prompt_template, cfg, s.recipe.seed, s.run.root)
+
+
 def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
     if s.rank != 0:
         return
+    sampling = _sampling_defaults(s, s.recipe.train.resolution)
     tmp = s.run.root / "final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     from lftk.train.lora import split_trained
@@ -195,6 +208,7 @@ def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
             "final_loss": last_loss,
             "precision": s.recipe.train.precision,
             "lora": lora_meta,
+            "sampling": sampling,
         },
     )
     replace_dir(tmp, s.run.final)

@@ -78,10 +78,14 @@ class Forward:
     noise: torch.Tensor  # (B, 4, h, w) true noise
     noisy: torch.Tensor  # (B, 4, h, w) noised future latent
     steps: torch.Tensor  # (B,) timesteps
+    target: torch.Tensor  # (B, 4, h, w) what the UNet should output: the noise, or the velocity (v-prediction)
+    weights: torch.Tensor | None = None  # (B, 1, h, w) per-cell loss weights, mean 1; None = uniform
 
     @property
     def diffusion_loss(self) -> torch.Tensor:
-        return F.mse_loss(self.pred.float(), self.noise.float())
+        if self.weights is None:
+            return F.mse_loss(self.pred.float(), self.target.float())
+        return ((self.pred.float() - self.target.float()).pow(2) * self.weights).mean()
 
 
 def ip2p_loss(unet, parts: FrozenParts, batch: dict, dropout: float, seed: int) -> torch.Tensor:
@@ -89,15 +93,27 @@ def ip2p_loss(unet, parts: FrozenParts, batch: dict, dropout: float, seed: int) 
     return ip2p_forward(unet, parts, batch, dropout, seed).diffusion_loss
 
 
+def colour_cell_weights(batch: dict, parts: FrozenParts, weight: float, device) -> torch.Tensor | None:
+    """(B, 1, h, w): latent cells showing a saturated object in the current or the future frame weigh
+    1 + `weight` (mean 1); None when `weight` is 0."""
+    if weight <= 0:
+        return None
+    from lftk.model.colour import latent_mask, normalised_weights
+
+    mask = torch.maximum(latent_mask(batch["current"], parts.vae_scale), latent_mask(batch["future"], parts.vae_scale))
+    return normalised_weights(mask, weight).to(device)
+
+
 def training_loss(unet, parts: FrozenParts, batch: dict, dropout: float, seed: int, weights, aux=None):
     """λ1·diffusion + λ2·perceptual + λ3·adversarial; returns (loss, {term: value}, decoded x0, target)."""
     fwd = ip2p_forward(unet, parts, batch, dropout, seed)
+    fwd.weights = colour_cell_weights(batch, parts, weights.colour_weight, fwd.pred.device)
     terms = {"diffusion": fwd.diffusion_loss}
     decoded = target = None
     if aux is not None and aux.active:
         from lftk.train.aux_losses import x0_estimate
 
-        x0, alpha_bar = x0_estimate(parts.noise_scheduler, fwd.noisy, fwd.pred.float(), fwd.steps)
+        x0, alpha_bar = x0_estimate(parts.noise_scheduler, fwd.noisy, fwd.pred.float(), fwd.steps)  # either prediction type
         decoded = parts.vae.decode((x0 / parts.scaling_factor).to(parts.vae.dtype)).sample.float()  # (B, 3, H, W)
         target = batch["future"].to(decoded.device)
         terms.update(aux.generator_terms(decoded, target, alpha_bar))
@@ -126,6 +142,7 @@ def ip2p_forward(unet, parts: FrozenParts, batch: dict, dropout: float, seed: in
     noise = draws.noise.to(device)
     steps = draws.timesteps.to(device)
     noisy = parts.noise_scheduler.add_noise(latents, noise, steps)
+    target = prediction_target(parts.noise_scheduler, latents, noise, steps)
 
     text = parts.encode_text(batch["input_ids"].to(device))  # (B, 77, D)
     if dropout > 0:
@@ -139,4 +156,20 @@ def ip2p_forward(unet, parts: FrozenParts, batch: dict, dropout: float, seed: in
 
     model_in = torch.cat([noisy, image], dim=1)  # (B, 8, h, w): noisy future latent ‖ current latent
     pred = unet(model_in.to(dtype), steps, text.to(dtype)).sample
-    return Forward(pred, noise, noisy, steps)
+    return Forward(pred, noise, noisy, steps, target)
+
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to output, as the pipeline's scheduler config says (diffusers' training
+    scripts do the same): the noise (epsilon), or v = sqrt(ᾱ)·noise - sqrt(1-ᾱ)·x0 (v-prediction)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, steps)
+    from lftk.errors import LftkError
+
+    raise LftkError(f"scheduler prediction_type {kind!r} is not trainable here: choose one of {', '.join(PREDICTION_TYPES)}")

@@ -29,18 +29,19 @@ class RunDir:
 
     def create(self, recipe: Recipe, resume: bool) -> None:
         """A fresh run refuses a dir that already holds one; --resume needs the same config
-        (max_steps aside: extending a finished run is a resume too)."""
+        (max_steps aside: extending a finished run is a resume too; and `sampling`, which only
+        chooses the defaults recorded once training ends)."""
         text = dump_recipe(recipe)
         if self.config.exists():
             if not resume:
                 raise LftkError(f"{self.root} already holds a run: pass --resume to continue it, or a new output_dir")
             old = yaml.safe_load(self.config.read_text())
             new = recipe.model_dump(mode="json")
-            changed = sorted(k for k in set(old) | set(new) if k != "max_steps" and old.get(k) != new.get(k))
+            changed = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k))
             if changed:
                 raise LftkError(
                     f"{self.config}: --resume with a different recipe (changed: {', '.join(changed)}); "
-                    "only max_steps may change on resume"
+                    f"only {' and '.join(RESUMABLE_CHANGES)} may change on resume"
                 )
         elif resume:
             raise LftkError(f"{self.root}: nothing to resume (no resolved_config.yaml)")
@@ -87,6 +88,9 @@ class RunDir:
         fig.savefig(tmp)
         plt.close(fig)
         os.replace(tmp, self.loss_png)
+
+
+RESUMABLE_CHANGES = ("max_steps", "sampling")  # recipe keys a resume may change: neither alters a step
 
 
 def write_atomic(path: Path, text: str) -> None:
