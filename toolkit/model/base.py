@@ -11,8 +11,6 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
-
 import torch
 
 from lftk.errors import LftkError
@@ -54,17 +52,20 @@ def read_meta(model_dir: Path) -> dict:
 def init_base(
     out: Path,
     preset: str = "tiny",
-    frames: Sequence[Path] = (),
-    vae_steps: int = 400,
-    vae_resolution: int = 64,
+    frames: Path | None = None,
+    vae_steps: int | None = None,
     seed: int = 0,
     bpe_path: Path | None = None,
-) -> Path:
-    """Write a StableDiffusionInstructPix2PixPipeline dir built from a preset's configs.
+) -> tuple[Path, dict]:
+    """Write a StableDiffusionInstructPix2PixPipeline dir built from a preset's configs; returns it
+    and its metadata (lftk_model.json).
 
-    For `tiny`, the VAE is fitted briefly on `frames` so that it reconstructs simulated scenes
-    (a random VAE would make every later metric meaningless).
+    For a preset with a VAE fit (`tiny`), the VAE is fitted on the frames under `frames` (an episodes
+    dir, a pair dir or a dir of frames; see `lftk.model.vae_fit.collect_frames`), with the preset's
+    settings and `vae_steps` steps when given: a random VAE would make every later metric meaningless.
     """
+    from dataclasses import replace
+
     from lftk.model.tokenizer import build_clip_tokenizer
 
     spec = preset_spec(preset)
@@ -74,24 +75,30 @@ def init_base(
     t0 = time.perf_counter()
     parts = build_components(preset, seed=seed)
     meta: dict = {"preset": preset, "seed": seed}
-    if preset == "tiny" and vae_steps == 0:
-        log.warning("tiny preset with --vae-steps 0: the VAE keeps its random weights (fine for timing and plumbing)")
-    elif preset == "tiny":
-        if not frames:
-            raise LftkError("the tiny preset fits its VAE on frames: pass simulated episodes (--frames DIR), or --vae-steps 0")
-        from lftk.model.vae_fit import fit_vae
+    fit = spec.vae_fit
+    if fit is not None and vae_steps is not None:
+        fit = replace(fit, steps=vae_steps)
+    if fit is not None and fit.steps == 0:
+        log.warning("%s preset with --vae-steps 0: the VAE keeps its random weights (fine for timing and plumbing)", preset)
+    elif fit is not None:
+        if frames is None:
+            raise LftkError(f"the {preset} preset fits its VAE on frames: pass --frames DIR (episodes or pairs), or --vae-steps 0")
+        from lftk.model.vae_fit import collect_frames, fit_vae
 
-        stats = fit_vae(parts["vae"], frames, steps=vae_steps, resolution=vae_resolution, seed=seed)
-        meta["vae_fit"] = stats
+        fit_refs, heldout, how = collect_frames(Path(frames))
+        log.info("vae fit frames from %s (%s): %d to fit, %d held out", frames, how, len(fit_refs), len(heldout))
+        meta["vae_fit"] = {"frames_from": str(frames), "split": how,
+                           **fit_vae(parts["vae"], fit_refs, fit, heldout=heldout, seed=seed)}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer = build_clip_tokenizer(Path(tmp) / "tokenizer", bpe_path)
-        pipe = assemble_pipeline(parts["unet"], parts["vae"], parts["text_encoder"], tokenizer)
+        pipe = assemble_pipeline(parts["unet"], parts["vae"], parts["text_encoder"], tokenizer,
+                                 make_scheduler(spec.prediction_type))
         out.mkdir(parents=True, exist_ok=True)
         pipe.save_pretrained(str(out))
     meta["scaling_factor"] = float(parts["vae"].config.scaling_factor or spec.scaling_factor)
     write_meta(out, meta)
     log.info("base pipeline (%s) written to %s in %.1f s", preset, out, time.perf_counter() - t0)
-    return out
+    return out, meta
 
 
 def load_pipeline(ref: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None):
