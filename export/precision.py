@@ -56,6 +56,13 @@ class Target:
     source: tuple  # (format, precision) of the artifact it is built from; () = from torch
     note: str
     available: bool = True
+    fallback_source: tuple = ()  # what the components it does not cover are built from; () = the fp32 graphs
+
+    def source_of(self, component: str) -> tuple:
+        """(format, precision) of the artifact this row builds `component` from."""
+        if self.covers(component):
+            return self.source
+        return self.fallback_source or (Format.ONNX, Precision.FP32)
 
     @property
     def key(self) -> str:
@@ -84,12 +91,15 @@ TARGETS: tuple[Target, ...] = (
            P.FP32, (_ONNX, P.FP32), "explicit Q/DQ, symmetric int8, calibrated on training frames"),
     Target(_ONNX, P.FP8, ".fp8.onnx", "ort", "cpu", "gpu", frozenset({"dynamic_shape", "calib"}), ("unet",),
            P.FP32, (_ONNX, P.FP32), "FP8 E4M3 Q/DQ", available=False),
+    # TensorRT networks are strongly typed (TensorRT 11 has no other mode): each engine is built from a
+    # graph that carries its precision, never from the fp32 graph with a precision flag.
     Target(_TRT, P.FP16, ".fp16.engine", "trt", "gpu", "gpu", frozenset({"dynamic_shape"}), _ALL, P.FP16,
-           (_ONNX, P.FP32), "TensorRT, FP16 builder flag over the fp32 graphs"),
+           (_ONNX, P.FP16), "TensorRT, strongly typed from the fp16 graphs"),
     Target(_TRT, P.INT8, ".int8.engine", "trt", "gpu", "gpu", frozenset({"dynamic_shape", "calib"}), ("unet",),
-           P.FP16, (_ONNX, P.INT8), "TensorRT, explicit quantization from the Q/DQ graph"),
+           P.FP16, (_ONNX, P.INT8), "TensorRT, explicit quantization from the Q/DQ graph", fallback_source=(_ONNX, P.FP16)),
     Target(_TRT, P.FP8, ".fp8.engine", "trt", "gpu", "gpu", frozenset({"dynamic_shape", "calib"}), ("unet",),
-           P.FP16, (_ONNX, P.FP8), "TensorRT FP8, compute capability >= 8.9", available=False),
+           P.FP16, (_ONNX, P.FP8), "TensorRT FP8, compute capability >= 8.9", available=False,
+           fallback_source=(_ONNX, P.FP16)),
 )
 
 
@@ -132,10 +142,11 @@ def plan(precision: Precision | str, onnx: bool, trt: bool, dynamic_shape: bool 
     # reuses the fp32 graphs of an existing export, but a derived graph is made if missing).
     ordered: list[Target] = []
     for row in wanted:
-        if row.source and row.source != (_ONNX, P.FP32):
-            src = _require_available(target(*row.source))
-            if src not in ordered:
-                ordered.append(src)
+        for source in (row.source, row.fallback_source):
+            if source and source != (_ONNX, P.FP32):
+                src = _require_available(target(*source))
+                if src not in ordered:
+                    ordered.append(src)
         if row not in ordered:
             ordered.append(row)
     requested = {"dynamic_shape": dynamic_shape, "calib": calib}

@@ -1,14 +1,17 @@
-"""TensorRT engines from the exported ONNX graphs (TensorRT 10.x Python API, imported lazily).
+"""TensorRT engines from the exported ONNX graphs (TensorRT 10.x and 11.x Python API, imported lazily).
 
-Thin on purpose: parse the graph with TensorRT's ONNX parser, set the precision the export table
-asks for, one optimization profile from the contract's min/opt/max shapes, a timing cache, build,
-serialize. Precisions:
-  fp16  FP16 builder flag over the fp32 graph (TensorRT picks fp16 or fp32 per layer);
-  int8  the Q/DQ graph (explicit quantization) with the INT8 flag, plus FP16 for the layers
-        left unquantized (text encoder and VAE engines of an int8 export are fp16 engines);
-  fp8   (planned) a strongly typed network from an FP8 Q/DQ graph, no precision flags.
+Thin on purpose: parse the graph with TensorRT's ONNX parser, one optimization profile from the
+contract's min/opt/max shapes, a timing cache, build, serialize. Every network is strongly typed:
+the graph carries its precision and TensorRT keeps the types it is given. TensorRT 11 knows no
+other mode (its BuilderFlag has no FP16 or INT8 entry, and NetworkDefinitionCreationFlag.STRONGLY_TYPED
+is deprecated there and ignored); TensorRT 10 (JetPack 6) builds the same way with that flag set.
+Precisions, by the graph each engine is built from (lftk.export.precision):
+  fp16  the fp16 ONNX variant (fp16 inside, fp32 inputs and outputs);
+  int8  the UNet's Q/DQ graph (explicit quantization; its unquantized layers stay fp32), and the
+        fp16 variants of the text encoder and VAE (an int8 export's other engines are fp16);
+  fp8   (planned) an FP8 Q/DQ graph.
 
-Engines are content-addressed (STYLE.md 6): the cache key hashes the graph's sha256, the shape
+Engines are content-addressed: the cache key hashes the graph's sha256, the shape
 profile, the precision, the GPU's compute capability, the TensorRT version and the builder
 settings, so a rebuild with the same inputs is a cache hit and any change is a new engine. The
 cache lives outside the export (~/.cache/lftk/trt, or $LFTK_TRT_CACHE) next to one timing cache
@@ -31,9 +34,7 @@ from lftk.errors import LftkError, NotAvailableError
 log = logging.getLogger(__name__)
 
 WORKSPACE_BYTES = 4 << 30  # builder scratch memory limit; engines for the SD 1.5 UNet build within it
-BUILDER_SETTINGS = {"workspace": WORKSPACE_BYTES, "api": "trt10"}  # part of the cache key
-_FLAGS = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}  # weakly typed networks
-_STRONGLY_TYPED = {"fp8"}
+BUILDER_SETTINGS = {"workspace": WORKSPACE_BYTES, "api": "strongly-typed"}  # part of the cache key
 
 
 def machine() -> dict:
@@ -95,24 +96,26 @@ def _logger():
     return trt.Logger(trt.Logger.WARNING)
 
 
+def network_flags(trt) -> int:
+    """Strongly typed: the flag TensorRT 10 needs for it; TensorRT 11 ignores it (its only mode), and a
+    release that drops the name builds strongly typed without it."""
+    flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
+    return 0 if flag is None else 1 << int(flag)
+
+
 def build_engine(onnx_path: Path, shapes: dict, precision: str, timing_cache: Path) -> bytes:
     """Serialized engine for the graph at `onnx_path` with one profile ({input: (min, opt, max)})."""
     import tensorrt as trt
 
     logger = _logger()
     builder = trt.Builder(logger)
-    flags = 0
-    if precision in _STRONGLY_TYPED:
-        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
-    network = builder.create_network(flags)
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # from a path: external data resolves next to it
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise LftkError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
-    for flag in _FLAGS.get(precision, ()):
-        config.set_flag(getattr(trt.BuilderFlag, flag))
     profile = builder.create_optimization_profile()
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
@@ -283,7 +286,8 @@ class TrtEngine:
 def build_engines(export_dir: Path, manifest: dict, target, info: dict, report) -> dict:
     """Engines of one export target (precision.Target) for every component; the manifest's engine record.
 
-    Components the target does not quantize get its fallback precision (fp16), built from the fp32 graph.
+    Components the target does not quantize get its fallback precision (fp16), built from the graph the
+    table names for them (the fp16 variant): every network is strongly typed.
     """
     from lftk.export.contract import profile_shapes
     from lftk.export.manifest import component_files, file_record, graph_sha256
@@ -298,7 +302,7 @@ def build_engines(export_dir: Path, manifest: dict, target, info: dict, report) 
     }
     for name, comp in manifest["components"].items():
         precision = target.precision_of(name).value
-        graph_precision = target.source[1].value if target.covers(name) else "fp32"
+        graph_precision = target.source_of(name)[1].value
         files = component_files(manifest, name, graph_precision)
         if graph_precision != "fp32" and files is comp["files"]:
             raise LftkError(f"{export_dir}: no {graph_precision} graph of {name} to build its {precision} engine from")

@@ -1,5 +1,6 @@
 """Engine plumbing on CPU, with a recording stand-in for the `tensorrt` module: which graph each
-component's engine is built from, with which builder flags and shape profile, the content-addressed
+component's engine is built from, as which network (strongly typed, no precision flags: TensorRT 11
+has none) and shape profile, the content-addressed
 cache and the timing cache, and the manifest record `check_engines` reads. It checks lftk's calls,
 not TensorRT: real builds and their parity are tests/test_trt.py (tier `trt`)."""
 
@@ -28,7 +29,7 @@ def _fake_tensorrt(rec: _Recorder):
     trt.__version__ = VERSION
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, level=2: None})
     trt.NetworkDefinitionCreationFlag = types.SimpleNamespace(STRONGLY_TYPED=1)
-    trt.BuilderFlag = types.SimpleNamespace(FP16="FP16", INT8="INT8")
+    trt.BuilderFlag = types.SimpleNamespace(TF32="TF32", BF16="BF16")  # as in TensorRT 11.4: no FP16, no INT8
     trt.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
 
     class Config:
@@ -93,33 +94,38 @@ def _fake_tensorrt(rec: _Recorder):
 
 @pytest.fixture()
 def engines(tiny_export_dir, tiny_pairs_dir, tmp_path, monkeypatch):
-    """An int8 export (UNet Q/DQ graph) and the engines of trt:int8 built through the stand-in."""
+    """An export with fp16 variants of every graph and an int8 UNet (Q/DQ), for engines built through the stand-in."""
     rec = _Recorder()
     monkeypatch.setitem(sys.modules, "tensorrt", _fake_tensorrt(rec))
     monkeypatch.setenv("LFTK_TRT_CACHE", str(tmp_path / "cache"))
     export = tmp_path / "export"
     shutil.copytree(tiny_export_dir, export)
     manifest = verify_manifest(export)
-    # A stand-in int8 UNet graph (the fp32 bytes under the int8 name): only the plumbing is under test.
-    shutil.copyfile(export / "onnx/unet.onnx", export / "onnx/unet.int8.onnx")
+    # Stand-in fp16 and int8 graphs (the fp32 bytes under their names): only the plumbing is under test.
     from lftk.export.manifest import file_record
 
-    manifest["components"]["unet"]["variants"] = {"int8": {"files": [file_record(export, "onnx/unet.int8.onnx")]}}
+    for name, comp in manifest["components"].items():
+        shutil.copyfile(export / f"onnx/{name}.onnx", export / f"onnx/{name}.fp16.onnx")
+        comp["variants"] = {"fp16": {"files": [file_record(export, f"onnx/{name}.fp16.onnx")]}}
+    shutil.copyfile(export / "onnx/unet.onnx", export / "onnx/unet.int8.onnx")
+    manifest["components"]["unet"]["variants"]["int8"] = {"files": [file_record(export, "onnx/unet.int8.onnx")]}
     write_manifest(export, manifest)
     return export, verify_manifest(export), rec
 
 
-def test_int8_engines_come_from_the_right_graphs_with_the_right_flags(engines):
+def test_int8_engines_come_from_the_right_graphs_as_strongly_typed_networks(engines):
     from lftk.export.tensorrt import build_engines
 
     export, manifest, rec = engines
     info = {"tensorrt": VERSION, "compute_capability": CC, "gpu": "stand-in"}
     record = build_engines(export, manifest, target(Format.TRT, Precision.INT8), info, Report())
     built = {p.rsplit("/", 1)[-1]: (flags, builder_flags, profile) for p, flags, builder_flags, profile in rec.builds}
-    assert built["unet.int8.onnx"][:2] == (0, ["INT8", "FP16"])  # explicit quantization: INT8 (+FP16 for the rest)
-    assert built["vae_decoder.onnx"][:2] == (0, ["FP16"])  # not quantized: an fp16 engine from the fp32 graph
+    strongly_typed = 1 << 1  # NetworkDefinitionCreationFlag.STRONGLY_TYPED, no builder precision flags
+    assert built["unet.int8.onnx"][:2] == (strongly_typed, [])  # explicit quantization: the Q/DQ graph's types
+    assert built["vae_decoder.fp16.onnx"][:2] == (strongly_typed, [])  # not quantized: from the fp16 graph
+    assert set(built) == {"unet.int8.onnx", "text_encoder.fp16.onnx", "vae_encoder.fp16.onnx", "vae_decoder.fp16.onnx"}
     assert built["unet.int8.onnx"][2]["sample"] == ((3, 8, 16, 16), (3, 8, 16, 16), (48, 8, 16, 16))
-    assert built["text_encoder.onnx"][2]["input_ids"] == ((1, 77), (2, 77), (4, 77))
+    assert built["text_encoder.fp16.onnx"][2]["input_ids"] == ((1, 77), (2, 77), (4, 77))
     assert record["components"]["unet"]["files"][0]["path"] == "trt/unet.int8.engine"
     assert record["components"]["vae_decoder"]["files"][0]["path"] == "trt/vae_decoder.int8.engine"
     assert (export / "trt/unet.int8.engine").read_bytes().startswith(b"plan:")

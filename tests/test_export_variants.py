@@ -121,8 +121,10 @@ def test_fp16_variant_for_gpu_providers(tiny_export_dir, tmp_path, monkeypatch, 
 def test_plan_follows_the_table():
     keys = lambda *a, **k: [t.key for t in plan(*a, **k)]  # noqa: E731
     assert keys("fp32", onnx=True, trt=False) == ["onnx:fp32"]
-    assert keys("int8", onnx=True, trt=True) == ["onnx:fp32", "onnx:int8", "trt:int8"]
-    assert keys("int8", onnx=False, trt=True) == ["onnx:int8", "trt:int8"]  # the engine's source comes first
+    # the engines' sources come first: the Q/DQ UNet, and the fp16 graphs of the components left unquantized
+    assert keys("int8", onnx=True, trt=True) == ["onnx:fp32", "onnx:int8", "onnx:fp16", "trt:int8"]
+    assert keys("int8", onnx=False, trt=True) == ["onnx:int8", "onnx:fp16", "trt:int8"]
+    assert keys("fp16", onnx=False, trt=True) == ["onnx:fp16", "trt:fp16"]  # strongly typed: from the fp16 graphs
     assert keys("fp16", onnx=False, trt=False) == ["onnx:fp16"]
     with pytest.raises(LftkError, match="no trt export at fp32: trt offers fp16, int8"):
         plan("fp32", onnx=True, trt=True)

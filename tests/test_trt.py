@@ -51,7 +51,7 @@ def test_engines_are_recorded_for_this_machine(trt_export):
         assert check_engines(export, manifest, precision, info["tensorrt"], info["compute_capability"]) is record
     int8 = manifest["engines"]["int8"]["components"]
     assert int8["unet"]["precision"] == "int8" and int8["unet"]["onnx"] == "onnx/unet.int8.onnx"
-    assert int8["vae_decoder"]["precision"] == "fp16" and int8["vae_decoder"]["onnx"] == "onnx/vae_decoder.onnx"
+    assert int8["vae_decoder"]["precision"] == "fp16" and int8["vae_decoder"]["onnx"] == "onnx/vae_decoder.fp16.onnx"
     assert "trt:fp16" in manifest["precisions"] and "trt:int8" in manifest["precisions"]
 
 
