@@ -216,7 +216,7 @@ def profile_shapes(described: dict) -> dict[str, tuple[tuple[int, ...], tuple[in
 
 
 class _Eval(nn.Module):
-    """Wrappers start in train mode even around an eval-mode model (stack.md): force eval."""
+    """A wrapper module starts in train mode even around an eval-mode model: force eval."""
 
     def __init__(self, inner: nn.Module):
         super().__init__()

@@ -9,8 +9,8 @@ Export dir layout:
     OUT/parity.json     ORT vs torch figures
     OUT/manifest.json   written last, and only when parity passed: a failed or interrupted export
                         is never picked up by a backend
-Uses the legacy TorchScript exporter (opset 17, seconds on CPU; notes/stack.md): the dynamo
-exporter needs opset >= 18 and takes ~15x longer for the same graphs.
+Uses the legacy TorchScript exporter (opset 17, ~3 s for the tiny graphs on CPU): the dynamo
+exporter needs opset >= 18 (at 17 it writes a Split that onnxruntime rejects) and takes ~15x longer.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 On a CPU machine DeepSpeed's accelerator is CPU and its backend gloo; on GPUs it is CUDA/NCCL.
 A single process still needs the torch.distributed environment variables, or DeepSpeed falls
-back to MPI discovery (stack.md), so `ensure_dist_env` sets them when no launcher did.
+back to MPI discovery (and fails without mpi4py), so `ensure_dist_env` sets them when no launcher did.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ def launch_local(nproc: int, train_args: list[str]) -> int:
     """Run torchrun on this machine; returns its exit code. Multi-node: use the deepspeed launcher (README)."""
     # torchrun sets each rank's own; stale ones from the parent would point ranks at a busy port.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    # Each rank gets an equal share of the cores, else N ranks oversubscribe the CPU (stack.md).
+    # Each rank gets an equal share of the cores, else N ranks oversubscribe the CPU (OMP_NUM_THREADS=1 for 2 ranks on 2 cores).
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     cmd = [
         sys.executable, "-m", "torch.distributed.run",

@@ -1,6 +1,6 @@
 """`lftk train`: set up a run, train with DeepSpeed, write checkpoints and a final pipeline.
 
-Small `setup_*` steps and a short loop (STYLE.md: no 600-line main).
+Small `setup_*` steps and a short loop rather than one long main().
 """
 
 from __future__ import annotations

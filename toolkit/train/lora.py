@@ -94,7 +94,7 @@ def add_vae_lora(vae, cfg: LoraConfig) -> dict[str, ModuleLora]:
 
 def save_lora(unet, cfg: LoraConfig, out_dir, vae=None) -> None:
     """UNet adapters in diffusers' LoRA format, with their peft config as metadata so `load_lora_weights`
-    scales each module by its own alpha/r (without the metadata it assumes alpha == r: stack.md);
+    scales each module by its own alpha/r (without the metadata diffusers assumes alpha == r and scales wrongly);
     VAE-encoder adapters, when there are any, in peft's format under out_dir/vae_encoder."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
