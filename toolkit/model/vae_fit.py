@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from lftk.data.images import load_rgb
+from lftk.data.inspect import spread_indices
 from lftk.model.colour import CHROMA_THRESHOLD, chroma_mask, normalised_weights
 from lftk.errors import LftkError
 
@@ -110,12 +111,16 @@ def _pair_frames(root: Path, split: str) -> list[FrameRef]:
     return list(seen.values())
 
 
-def _spread(refs: Sequence[FrameRef], limit: int, rng: np.random.Generator | None = None) -> list[FrameRef]:
+def _sample(refs: Sequence[FrameRef], limit: int, rng: np.random.Generator) -> list[FrameRef]:
+    """At most `limit` of `refs`, drawn at random (in their order) from `rng`."""
     if len(refs) <= limit:
         return list(refs)
-    if rng is None:  # evenly spaced: every task and episode is in the figures
-        return [refs[i] for i in np.linspace(0, len(refs) - 1, limit).round().astype(int)]
     return [refs[i] for i in sorted(rng.choice(len(refs), limit, replace=False))]
+
+
+def _spread(refs: Sequence[FrameRef], limit: int) -> list[FrameRef]:
+    """At most `limit` of `refs`, evenly spaced: every task and episode is in the figures."""
+    return [refs[i] for i in spread_indices(len(refs), limit)]
 
 
 def _to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -168,7 +173,7 @@ def score_reconstructions(vae, refs: Sequence[FrameRef], resolution: int) -> dic
 def fit_vae(vae, frames: Sequence[FrameRef], spec: VaeFitSpec, heldout: Sequence[FrameRef] = (), seed: int = 0) -> dict:
     """Train `vae` in place on `frames`; returns the fit's figures (on `heldout` when given)."""
     rng = np.random.default_rng(seed)
-    picks = _spread(frames, spec.max_frames, rng)
+    picks = _sample(frames, spec.max_frames, rng)
     data = _to_tensor(np.stack([load_rgb(r.path, spec.resolution) for r in picks]))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(vae.parameters(), lr=spec.lr)
