@@ -90,7 +90,7 @@ demo-check: $(DEMO)/infer-vs-copy.md
 	@cat $<
 
 # lftk's headline benchmark: the same pipeline on 3 tasks x SIM_BENCH_EPISODES episodes (recipes/sim-bench.yaml);
-# about 40 minutes on 2 CPU cores. Results: $(SIM_BENCH)/eval/report.md, $(SIM_BENCH)/infer-vs-copy.md.
+# under an hour on 2 CPU cores. Results: $(SIM_BENCH)/eval/report.md, $(SIM_BENCH)/infer-vs-copy.md.
 SIM_BENCH          := simbench
 SIM_BENCH_EPISODES ?= 50
 $(eval $(call SIM_PIPELINE,$(SIM_BENCH),$(SIM_BENCH_EPISODES),recipes/sim-bench.yaml))
