@@ -26,7 +26,7 @@ from lftk.train import checkpoint
 from lftk.train.data import PairDataset, check_prompts, make_loader
 from lftk.train.engine import setup_engine
 from lftk.train.aux_losses import AuxLosses
-from lftk.train.objective import FrozenParts, ip2p_loss, training_loss
+from lftk.train.objective import FrozenParts, check_prediction_type, ip2p_loss, training_loss
 from lftk.train.rundir import RunDir, replace_dir
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
         vae_scale=vae_scale_factor(pipe.vae),
         encoder_trains=trains_vae,
     )
+    check_prediction_type(parts.noise_scheduler)  # before the run dir: a base we cannot train costs nothing
     if recipe.train.trainable == "lora":  # every part's patterns must match layers of this base
         from lftk.train.lora_parts import assign
 

@@ -74,8 +74,7 @@ class SampleNoise:
 
 @dataclass
 class Forward:
-    pred: torch.Tensor  # (B, 4, h, w) predicted noise
-    noise: torch.Tensor  # (B, 4, h, w) true noise
+    pred: torch.Tensor  # (B, 4, h, w) the UNet's output (noise or velocity, as `target`)
     noisy: torch.Tensor  # (B, 4, h, w) noised future latent
     steps: torch.Tensor  # (B,) timesteps
     target: torch.Tensor  # (B, 4, h, w) what the UNet should output: the noise, or the velocity (v-prediction)
@@ -156,7 +155,7 @@ def ip2p_forward(unet, parts: FrozenParts, batch: dict, dropout: float, seed: in
 
     model_in = torch.cat([noisy, image], dim=1)  # (B, 8, h, w): noisy future latent ‖ current latent
     pred = unet(model_in.to(dtype), steps, text.to(dtype)).sample
-    return Forward(pred, noise, noisy, steps, target)
+    return Forward(pred, noisy, steps, target)
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -165,11 +164,16 @@ PREDICTION_TYPES = ("epsilon", "v_prediction")
 def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """What the UNet learns to output, as the pipeline's scheduler config says (diffusers' training
     scripts do the same): the noise (epsilon), or v = sqrt(ᾱ)·noise - sqrt(1-ᾱ)·x0 (v-prediction)."""
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
+    if check_prediction_type(scheduler) == "epsilon":
         return noise
-    if kind == "v_prediction":
-        return scheduler.get_velocity(latents, noise, steps)
-    from lftk.errors import LftkError
+    return scheduler.get_velocity(latents, noise, steps)
 
-    raise LftkError(f"scheduler prediction_type {kind!r} is not trainable here: choose one of {', '.join(PREDICTION_TYPES)}")
+
+def check_prediction_type(scheduler) -> str:
+    """The scheduler's prediction_type, or LftkError when training cannot target it."""
+    kind = scheduler.config.prediction_type
+    if kind not in PREDICTION_TYPES:
+        from lftk.errors import LftkError
+
+        raise LftkError(f"scheduler prediction_type {kind!r} is not trainable here: choose one of {', '.join(PREDICTION_TYPES)}")
+    return kind
