@@ -17,9 +17,11 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+import shutil
 import time
 from pathlib import Path
 
+from lftk import atomic
 from lftk.errors import LftkError
 from lftk.export import calibration, trt_check, variants
 from lftk.export.contract import build_contracts
@@ -79,74 +81,88 @@ def run_export(
         # Known before the fp32 export starts: a missing calibration source should cost seconds, not minutes.
         pair_dir = calibration.find_pair_dir(ref, Path(calib) if calib else None, _source_of(ref))
 
-    if onnx:
-        pipeline_dir = _merge(ref, out, report)
-        export_onnx(pipeline_dir, out, resolution, dynamic_shape=dynamic_shape, report=report,
-                    source=Path(_source_of(ref) or ref.path), extra={"model": _model_meta(pipeline_dir)})
-    elif not (out / MANIFEST).is_file():
-        raise LftkError(f"--no-onnx adds to an existing export, and {out} has none: run `lftk export {model}` first")
-    manifest = verify_manifest(out)
-    _carry_over(manifest, old)
+    final_out = out
+    if onnx:  # built beside OUT and swapped in at the end: a killed export leaves the previous one whole
+        out = atomic.staging_dir(final_out)
+    try:
+        if onnx:
+            pipeline_dir = _merge(ref, out, report)
+            export_onnx(pipeline_dir, out, resolution, dynamic_shape=dynamic_shape, report=report,
+                        source=Path(_source_of(ref) or ref.path), extra={"model": _model_meta(pipeline_dir)})
+        elif not (out / MANIFEST).is_file():
+            raise LftkError(f"--no-onnx adds to an existing export, and {out} has none: run `lftk export {model}` first")
+        manifest = verify_manifest(out)
+        _carry_over(manifest, old, final_out, out)
 
-    derived = [t for t in targets if t.format == Format.ONNX and t.precision != Precision.FP32]
-    pipe = contracts = None
-    if derived or trt:
-        pipe = load_pipeline(out / PIPELINE_DIR)
-        contracts = build_contracts(pipe, int(manifest["resolution"]), bool(manifest.get("dynamic_shape")))
-    parity = json.loads((out / PARITY_FILE).read_text()) if (out / PARITY_FILE).is_file() else {}
-    for row in derived:
-        if not _to_build(row, onnx, trt, manifest):  # only a source of the engines: keep the graph already vetted
-            with stage(report, row.precision.value, "graphs") as st:
-                st.skip(f"reusing the export's {row.precision.value} graph(s) for the engines")
-            continue
-        if row.precision == Precision.FP16:
-            built, parity["fp16"] = variants.build_fp16(out, manifest, pipe, contracts, report)
-        else:
-            template = read_meta(out / PIPELINE_DIR).get("prompt_template", "{instruction}")
-            built, parity["int8"] = variants.build_int8(out, manifest, pipe, contracts, pair_dir, template, report, calib_pairs)
-            manifest["parity"]["int8_frame_psnr_db_vs_fp32"] = parity["int8"]["psnr_db_vs_fp32"]
-        for name, var in built.items():
-            manifest["components"][name].setdefault("variants", {})[row.precision.value] = var
-        _save(out, manifest, parity)
-
-    if check_trt or trt:
-        with stage(report, "check", "tensorrt") as st:
-            checked = trt_check.check_export(out, manifest)
-            manifest["trt_check"] = {"source": checked["source"], "passed": checked["passed"],
-                                     "graphs": len(checked["graphs"]), "failures": checked["failures"][:50]}
+        derived = [t for t in targets if t.format == Format.ONNX and t.precision != Precision.FP32]
+        pipe = contracts = None
+        if derived or trt:
+            pipe = load_pipeline(out / PIPELINE_DIR)
+            contracts = build_contracts(pipe, int(manifest["resolution"]), bool(manifest.get("dynamic_shape")))
+        parity = json.loads((out / PARITY_FILE).read_text()) if (out / PARITY_FILE).is_file() else {}
+        for row in derived:
+            if not _to_build(row, onnx, trt, manifest):  # only a source of the engines: keep the graph already vetted
+                with stage(report, row.precision.value, "graphs") as st:
+                    st.skip(f"reusing the export's {row.precision.value} graph(s) for the engines")
+                continue
+            if row.precision == Precision.FP16:
+                built, parity["fp16"] = variants.build_fp16(out, manifest, pipe, contracts, report)
+            else:
+                template = read_meta(out / PIPELINE_DIR).get("prompt_template", "{instruction}")
+                built, parity["int8"] = variants.build_int8(out, manifest, pipe, contracts, pair_dir, template, report, calib_pairs)
+                manifest["parity"]["int8_frame_psnr_db_vs_fp32"] = parity["int8"]["psnr_db_vs_fp32"]
+            for name, var in built.items():
+                manifest["components"][name].setdefault("variants", {})[row.precision.value] = var
             _save(out, manifest, parity)
-            st.done(note=trt_check.summary(checked))
-            if check_trt:  # asked for: a refusal is the answer. With --trt alone TensorRT has the last word.
-                trt_check.raise_on_failure(checked)
-            elif not checked["passed"]:
-                st.warn, st.note = True, st.note + "; building anyway, TensorRT decides"
 
-    for row in (t for t in targets if t.format == Format.TRT):
-        from lftk.export.tensorrt import build_engines, engine_parity
+        if check_trt or trt:
+            with stage(report, "check", "tensorrt") as st:
+                checked = trt_check.check_export(out, manifest)
+                manifest["trt_check"] = {"source": checked["source"], "passed": checked["passed"],
+                                         "graphs": len(checked["graphs"]), "failures": checked["failures"][:50]}
+                _save(out, manifest, parity)
+                st.done(note=trt_check.summary(checked))
+                if check_trt:  # asked for: a refusal is the answer. With --trt alone TensorRT has the last word.
+                    trt_check.raise_on_failure(checked)
+                elif not checked["passed"]:
+                    st.warn, st.note = True, st.note + "; building anyway, TensorRT decides"
 
-        record = build_engines(out, manifest, row, info, report)
-        with stage(report, "parity", f"trt {row.precision.value}") as st:
-            record["parity"] = engine_parity(pipe, out, manifest, record, row.precision.value, int(manifest["resolution"]))
-            st.done(note=f"frame PSNR {record['parity']['frame_psnr_db_vs_ort']:.1f} dB vs onnxruntime "
-                         f"(min {record['parity']['min_db']:.0f})")
-            if not record["parity"]["passed"]:
-                raise LftkError(f"TensorRT {row.precision.value} engines disagree with onnxruntime: {record['parity']}")
-        manifest.setdefault("engines", {})[row.precision.value] = record
+        for row in (t for t in targets if t.format == Format.TRT):
+            from lftk.export.tensorrt import build_engines, engine_parity
+
+            record = build_engines(out, manifest, row, info, report)
+            with stage(report, "parity", f"trt {row.precision.value}") as st:
+                record["parity"] = engine_parity(pipe, out, manifest, record, row.precision.value, int(manifest["resolution"]))
+                st.done(note=f"frame PSNR {record['parity']['frame_psnr_db_vs_ort']:.1f} dB vs onnxruntime "
+                             f"(min {record['parity']['min_db']:.0f})")
+                if not record["parity"]["passed"]:
+                    raise LftkError(f"TensorRT {row.precision.value} engines disagree with onnxruntime: {record['parity']}")
+            manifest.setdefault("engines", {})[row.precision.value] = record
+            _save(out, manifest, parity)
+
+        options = {"precision": precision.value, "dynamic_shape": dynamic_shape, "calib": str(calib) if calib else None, "trt": trt}
+        if onnx:  # the command that made this export's graphs ...
+            manifest["options"], manifest["additions"] = options, []
+        elif targets:  # ... and what --no-onnx runs added to it since, for the rebuild hint
+            manifest.setdefault("additions", [])
+            if options not in manifest["additions"]:
+                manifest["additions"].append(options)
+        manifest["precisions"] = [t.key for t in targets_in(manifest)]
+        staged = str(out)  # the staging dir's paths in the record are the export's own once swapped in
+        manifest["stages"] = [{**st, "artifact": st["artifact"].replace(staged, str(final_out))}
+                              if isinstance(st.get("artifact"), str) else st for st in report.as_list()]
         _save(out, manifest, parity)
-
-    options = {"precision": precision.value, "dynamic_shape": dynamic_shape, "calib": str(calib) if calib else None, "trt": trt}
-    if onnx:  # the command that made this export's graphs ...
-        manifest["options"], manifest["additions"] = options, []
-    elif targets:  # ... and what --no-onnx runs added to it since, for the rebuild hint
-        manifest.setdefault("additions", [])
-        if options not in manifest["additions"]:
-            manifest["additions"].append(options)
-    manifest["precisions"] = [t.key for t in targets_in(manifest)]
-    manifest["stages"] = report.as_list()
-    path = _save(out, manifest, parity)
+    except BaseException:
+        if onnx:
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+    if onnx:
+        atomic.swap_in(out, final_out)
+        out = final_out
+    path = out / MANIFEST
     commands = next_commands(out, ref, manifest, calib)
     log.info("export done in %.1f s: %s (%s)", time.perf_counter() - t_start, out, ", ".join(manifest["precisions"]))
-    return {"out": str(out), "manifest": str(path), "precisions": manifest["precisions"], "stages": report.as_list(),
+    return {"out": str(out), "manifest": str(path), "precisions": manifest["precisions"], "stages": manifest["stages"],
             "parity": manifest.get("parity", {}), "next": commands, "seconds": round(time.perf_counter() - t_start, 2)}
 
 
@@ -202,22 +218,30 @@ def _old_manifest(out: Path) -> dict | None:
         return None
 
 
-def _carry_over(manifest: dict, old: dict | None) -> None:
-    """Keep the old export's variants and engines that were built from graphs identical to the new ones."""
+def _carry_over(manifest: dict, old: dict | None, old_dir: Path, new_dir: Path) -> None:
+    """Keep the old export's variants and engines that were built from graphs identical to the new ones
+    (their files copied from `old_dir` into the new export being built in `new_dir`)."""
     if not old or old is manifest:
         return
+    kept = []
     for name, comp in manifest.get("components", {}).items():
         prev = old.get("components", {}).get(name, {})
         if prev.get("files") and graph_sha256(prev["files"]) == graph_sha256(comp["files"]):
             for precision, var in prev.get("variants", {}).items():
                 if var.get("source_sha256") == graph_sha256(comp["files"]):
                     comp.setdefault("variants", {}).setdefault(precision, var)
+                    kept += var.get("files", [])
     for precision, eng in old.get("engines", {}).items():
         try:
             check_engines(Path("."), {**manifest, "engines": {precision: eng}}, precision, eng["tensorrt"], eng["compute_capability"])
         except LftkError:
             continue  # built from graphs that changed
         manifest.setdefault("engines", {}).setdefault(precision, eng)
+        kept += [f for rec in eng.get("components", {}).values() for f in rec.get("files", [])]
+    if Path(old_dir).resolve() != Path(new_dir).resolve():
+        for rec in kept:
+            (Path(new_dir) / rec["path"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(Path(old_dir) / rec["path"], Path(new_dir) / rec["path"])
 
 
 def _save(out: Path, manifest: dict, parity: dict) -> Path:

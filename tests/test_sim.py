@@ -156,15 +156,24 @@ def test_bad_input_is_refused(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_existing_episode_is_refused_and_partial_cleared(tmp_path):
+def test_a_rerun_resumes_the_missing_episodes_and_refuses_other_settings(tmp_path):
     out = tmp_path / "o"
-    stale = out / "blocks_stack_easy" / ".episode0.partial"
+    stale = out / "blocks_stack_easy" / ".episode1.partial"  # what a kill mid-episode leaves
     stale.mkdir(parents=True)
     (stale / "0.jpg").write_bytes(b"half")
     simulate(out, ["blocks_stack_easy"], episodes=1, frames=2, resolution=32, workers=1)
-    assert not stale.exists() and (out / "blocks_stack_easy" / "episode0" / "episode.json").is_file()
-    with pytest.raises(LftkError, match="episode0 already exists"):
-        simulate(out, ["blocks_stack_easy"], episodes=1, frames=2, resolution=32, workers=1)
+    first = (out / "blocks_stack_easy" / "episode0" / "1.jpg").read_bytes()
+    summary = simulate(out, ["blocks_stack_easy"], episodes=2, frames=2, resolution=32, workers=1)
+    assert summary["episodes"] == 2 and not stale.exists()
+    assert (out / "blocks_stack_easy" / "episode0" / "1.jpg").read_bytes() == first, "a kept episode was rewritten"
+    straight = tmp_path / "straight"
+    simulate(straight, ["blocks_stack_easy"], episodes=2, frames=2, resolution=32, workers=1)
+    for k in (0, 1):
+        for name in ("0.jpg", "1.jpg"):
+            a, b = out / "blocks_stack_easy" / f"episode{k}" / name, straight / "blocks_stack_easy" / f"episode{k}" / name
+            assert a.read_bytes() == b.read_bytes(), f"resumed episode{k}/{name} differs from an uninterrupted run"
+    with pytest.raises(LftkError, match="episode0 was made with other settings: resolution 32 \\(now 48\\)"):
+        simulate(out, ["blocks_stack_easy"], episodes=2, frames=2, resolution=48, workers=1)
 
 
 def test_light_panda_keeps_its_colours():

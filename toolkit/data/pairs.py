@@ -26,15 +26,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import random
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from lftk import atomic
 from lftk.data.episodes import Episode, scan_episodes
 from lftk.data.images import open_image, save_rgb, to_square_rgb
 from lftk.errors import LftkError
@@ -194,10 +193,19 @@ def _publish(tmp: Path, out: Path) -> None:
     _check_out(out)
     if out.exists():
         out.rmdir()
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; OUT should get the usual permissions
     tmp.rename(out)
+
+
+def _warn_uneven_tasks(root, episodes) -> None:
+    """A task with fewer episodes than the others is what a stopped `lftk data sim` leaves: say so."""
+    per_task: dict[str, int] = {}
+    for ep in episodes:
+        per_task[ep.task] = per_task.get(ep.task, 0) + 1
+    if len(set(per_task.values())) > 1:
+        most = max(per_task.values())
+        short = ", ".join(f"{t} {n}" for t, n in sorted(per_task.items()) if n < most)
+        log.warning("%s: tasks have unequal episode counts (%s; others %d): if a `lftk data sim` was stopped, "
+                    "run it again to finish the missing episodes", root, short, most)
 
 
 def make_pairs(
@@ -220,6 +228,7 @@ def make_pairs(
     _check_out(out)
     scan = scan_episodes(episodes_root)
     skipped = [{"path": str(s.path), "reason": s.reason} for s in scan.skipped]
+    _warn_uneven_tasks(episodes_root, scan.episodes)
     usable = []
     for ep in scan.episodes:
         if pair_starts(ep.n_frames, shortest, stride):
@@ -232,8 +241,7 @@ def make_pairs(
         raise LftkError(f"{episodes_root}: no episode is longer than the horizon ({shortest} frames)")
     splits = assign_splits(usable, ratios, seed)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    tmp = atomic.staging_dir(out)  # also clears what a killed run for OUT left
     counts, per_task = {}, {}
     per_horizon = {str(h): dict.fromkeys(SPLITS, 0) for h in horizons}
     try:

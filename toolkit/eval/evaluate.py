@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -19,6 +20,7 @@ import numpy as np
 from lftk.data.images import load_rgb
 from lftk.data.inspect import spread_indices
 from lftk.data.pairset import Pair, PairSet, template_fields
+from lftk import atomic
 from lftk.errors import LftkError
 from lftk.eval.methods import (
     BASELINES,
@@ -261,6 +263,7 @@ def evaluate(
     names = check_baselines(baselines)  # before the model loads: a typo should cost nothing
     post = parse_steps(postprocess)
     data, out = Path(data), Path(out)
+    _check_out(out)
     pairs = PairSet(data, split)
     if not len(pairs):
         raise LftkError(f"{data / split}: no samples to evaluate")
@@ -340,10 +343,26 @@ def evaluate(
         "versions": _versions(),
         "rows": rows,
     }
-    report["figures"] = write_figures(out, report, shown, rollout)
-    write_report(out, report)
+    # The report dir is written whole beside OUT and swapped in: never new figures beside an old report.
+    tmp = atomic.staging_dir(out)
+    try:
+        report["figures"] = write_figures(tmp, report, shown, rollout)
+        write_report(tmp, report)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic.swap_in(tmp, out)
     _log_headline(report, out)
     return report
+
+
+def _check_out(out: Path) -> None:
+    """OUT is replaced whole, so it must be new, empty, or an earlier report dir (never a dir of other files)."""
+    from lftk.eval.report import REPORT_JSON
+
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / REPORT_JSON).is_file())):
+        raise LftkError(f"{out}: exists and is not a report dir (no {REPORT_JSON}); the report replaces its --out "
+                        "dir whole: choose a new or empty dir")
 
 
 def _log_headline(report: dict, out: Path) -> None:

@@ -3,11 +3,16 @@
 Layout: OUT/<task>/episode<k>/<i>.jpg (i = 0..frames-1) and episode.json. Each episode is written
 into OUT/<task>/.episode<k>.partial and renamed into place when complete, so a killed run never
 leaves a half-written episode behind (a leftover .partial is cleared by the next run).
+
+Running the same command again resumes: episodes already in OUT that were made with the same
+seed, frames and resolution are kept, the missing ones are simulated (each episode is seeded on its
+own, so the result equals one uninterrupted run). An episode made with other settings is refused.
 """
 
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 import multiprocessing as mp
 import shutil
@@ -148,16 +153,12 @@ def simulate(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise LftkError(f"{out}: exists and is not a directory")
-    for t in names:
-        for k in range(episodes):
-            if (out / t / f"episode{k}").exists():
-                raise LftkError(f"{out / t / f'episode{k}'} already exists: OUT is not empty; "
-                                "choose a new OUT or remove it")
     urdf = str(light_panda_urdf())  # decimate once here, not racing in every worker
-    jobs = [
-        Job(t, k, episode_seed(seed, t, k), frames, resolution, str(out), urdf)
-        for t in names for k in range(episodes)
-    ]
+    wanted = [Job(t, k, episode_seed(seed, t, k), frames, resolution, str(out), urdf) for t in names for k in range(episodes)]
+    jobs = [j for j in wanted if not _already_done(j)]
+    if len(jobs) < len(wanted):
+        log.info("%s: %d of %d episodes already there (same seed, frames, resolution): simulating the other %d",
+                 out, len(wanted) - len(jobs), len(wanted), len(jobs))
     for t in names:
         (out / t).mkdir(parents=True, exist_ok=True)
 
@@ -171,13 +172,16 @@ def simulate(
         if progress is not None:
             progress(len(results), len(jobs))
 
-    workers = min(workers, len(jobs))
+    workers = max(1, min(workers, len(jobs)))
     log.info("simulating %d episodes x %d frames at %d px with %d worker(s) -> %s",
              len(jobs), frames, resolution, workers, out)
-    if workers == 1 and not _caller_has_client():
+    if not jobs:
+        pass
+    elif workers == 1 and not _caller_has_client():
         _run_inline(jobs, done)
     else:
         _run_pool(jobs, workers, done)
+    results += [_done_result(j) for j in wanted if j not in jobs]
 
     summary_tasks = {
         t: {
@@ -193,6 +197,33 @@ def simulate(
         "tasks": summary_tasks,
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def _already_done(job: Job) -> bool:
+    """True for a complete episode of this job's settings; LftkError for one made with others."""
+    if not job.dest.exists():
+        return False
+    meta_path = job.dest / "episode.json"
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        raise LftkError(f"{job.dest}: exists without a readable episode.json (not made by lftk data sim?); "
+                        "remove it or choose a new OUT") from None
+    made = {k: meta.get(k) for k in ("seed", "frames", "resolution")}
+    want = {"seed": job.seed, "frames": job.frames, "resolution": job.resolution}
+    if made != want:
+        diff = ", ".join(f"{k} {made[k]} (now {want[k]})" for k in want if made[k] != want[k])
+        raise LftkError(f"{job.dest} was made with other settings: {diff}; choose a new OUT or the same options")
+    missing = [i for i in range(job.frames) if not (job.dest / f"{i}.jpg").is_file()]
+    if missing:
+        raise LftkError(f"{job.dest}: frame {missing[0]}.jpg is missing ({len(missing)} of {job.frames}); remove the episode "
+                        "and run again to re-simulate it")
+    return True
+
+
+def _done_result(job: Job) -> dict:
+    meta = json.loads((job.dest / "episode.json").read_text())
+    return {"task": job.task, "episode": job.episode, "success": bool(meta.get("success")), "frames": job.frames}
 
 
 def _caller_has_client() -> bool:

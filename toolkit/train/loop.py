@@ -122,8 +122,25 @@ def _latents(s: Setup, split: str, dataset: PairDataset):
     if s.rank == 0:
         latent_cache.build(dataset._pixels, dataset.items, s.pipe.vae, path)
     else:
-        latent_cache.wait_for(path, dataset.items.names())
+        latent_cache.wait_for(path, dataset.items)
     return latent_cache.LatentArrays(path)
+
+
+def check_finite(loss, step: int, rank: int, world: int) -> None:
+    """Every rank learns whether any rank's loss is not finite, so all stop together before backward
+    (one rank raising alone would leave the others waiting in the gradient all-reduce)."""
+    value = loss.item()
+    bad = [rank] if not math.isfinite(value) else []
+    if world > 1:
+        import torch.distributed as dist
+
+        flags = torch.zeros(world, device=loss.device)
+        flags[rank] = 0.0 if math.isfinite(value) else 1.0
+        dist.all_reduce(flags)
+        bad = [r for r in range(world) if flags[r] > 0]
+    if bad:
+        what = f"not finite on rank {', '.join(map(str, bad))}" if world > 1 else str(value)
+        raise LftkError(f"loss is {what} at step {step}: stopping; the last good checkpoint is kept")
 
 
 def total_steps(s: Setup) -> int:
@@ -238,7 +255,7 @@ def _micro_batches(s: Setup, step: int, steps: int):
             return
 
 
-def train(recipe: Recipe, resume: bool = False) -> RunDir:
+def train(recipe: Recipe, resume: bool = False, trust_checkpoint: bool = False) -> RunDir:
     s = setup(recipe, resume)
     t = recipe.train
     unet = model = s.pipe.unet
@@ -256,7 +273,7 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
     engine, _ = setup_engine(model, recipe, steps)
     aux = AuxLosses(t.loss.perceptual, t.loss.adversarial, t.loss.perceptual_weights, t.loss.disc_lr, engine.device)
     s.future_pixels = aux.active
-    step = checkpoint.load(engine, s.run.checkpoints, aux) if resume else 0
+    step = checkpoint.load(engine, s.run.checkpoints, aux, trust=trust_checkpoint) if resume else 0
     if resume and s.rank == 0:
         s.run.truncate_metrics(step)
     t0, last = time.perf_counter(), float("nan")
@@ -267,8 +284,7 @@ def train(recipe: Recipe, resume: bool = False) -> RunDir:
                 loss, terms, decoded, target = training_loss(
                     engine, s.parts, next(micro), t.conditioning_dropout, recipe.seed, t.loss, aux
                 )
-                if not math.isfinite(loss.item()):
-                    raise LftkError(f"loss is {loss.item()} at step {step}: stopping; the last good checkpoint is kept")
+                check_finite(loss, step, s.rank, s.world)
                 engine.backward(loss)
                 engine.step()
                 if decoded is not None:

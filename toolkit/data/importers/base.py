@@ -14,7 +14,6 @@ import json
 import logging
 import re
 import shutil
-import tempfile
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -25,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from lftk.data.images import save_rgb, to_square_rgb
+from lftk import atomic
 from lftk.data.pairs import _check_out, _publish
 from lftk.errors import LftkError
 
@@ -45,6 +45,7 @@ class ImportOptions:
     trust_pickle: bool = False
     strict: bool = False
     task: str | None = None  # overrides the task name taken from the source's dirs
+    follow_links: bool = False  # read files that links or table paths place outside SRC
 
 
 class BadSource(Exception):
@@ -92,6 +93,15 @@ class Context:
     opts: ImportOptions
     ledger: Ledger
     format: str
+
+    def inside(self, path: Path) -> Path:
+        """`path`, or BadSource when it (through links, `..` or an absolute table path) lies outside SRC
+        and --follow-links was not given: an import reads what SRC holds, nothing else on the machine."""
+        root = (self.src if self.src.is_dir() else self.src.parent).resolve()
+        real = Path(path).resolve()
+        if self.opts.follow_links or real == root or root in real.parents:
+            return Path(path)
+        raise BadSource(path, f"points outside SRC (to {real}); pass --follow-links to read files outside it")
 
 
 @dataclass(frozen=True)
@@ -291,8 +301,7 @@ class Staging(AbstractContextManager):
     def __init__(self, out: Path):
         self.out = Path(out)
         _check_out(self.out)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+        self.tmp = atomic.staging_dir(self.out)  # also clears what a killed import of OUT left
 
     def publish(self, summary_name: str, summary: dict) -> None:
         (self.tmp / summary_name).write_text(json.dumps(summary, indent=2) + "\n")
@@ -312,7 +321,7 @@ def import_episodes(reader: EpisodeFormat, ctx: Context, out: Path) -> dict:
         for path in sources:
             ep_dir = None
             try:
-                with reader.open_episode(path, ctx) as src:
+                with reader.open_episode(ctx.inside(path), ctx) as src:
                     ep_dir = stage.tmp / src.task / f"episode{len(written.get(src.task, []))}"
                     meta = write_episode(src, ep_dir, ctx)
             except LftkError:
