@@ -51,6 +51,7 @@ from lftk.errors import LftkError, NotAvailableError
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_S = 1
+CLIENT_CLOSED = 499  # nginx's code for a client that closed the connection before the answer: counted apart from 5xx
 # A body over the cap is still read (and dropped) up to this many caps before the 413 goes out: a client
 # that sends its whole body before reading the answer (most do) gets the 413, not a connection reset.
 DRAIN_FACTOR = 4
@@ -112,6 +113,8 @@ def create_app(batcher: Batcher, limits: Limits, info: dict):
     async def metrics_endpoint(request: Request):
         return PlainTextResponse(metrics.render(), media_type=CONTENT_TYPE)
 
+    from starlette.requests import ClientDisconnect
+
     async def predict(request: Request):
         t0 = time.perf_counter()
         metrics.request_started()
@@ -148,6 +151,10 @@ def create_app(batcher: Batcher, limits: Limits, info: dict):
         except LftkError as exc:  # the runner refused the inputs (they passed the checks above)
             status = 422
             return _error(422, str(exc), None)
+        except ClientDisconnect:  # the client went away mid-upload: its fault, not ours, and nobody reads an answer
+            status = CLIENT_CLOSED
+            log.info("client disconnected before its request was read: %s", request.client)
+            return _error(CLIENT_CLOSED, "client disconnected", None)
         except Exception as exc:  # noqa: BLE001 - the client gets a reason, the log the traceback
             log.exception("predict failed")
             return _error(500, f"internal error: {type(exc).__name__}: {exc}", None)

@@ -427,6 +427,44 @@ def test_full_queue_answers_503_with_retry_after():
     assert not thread.is_alive() and batcher.close(timeout=1)
 
 
+def test_a_client_gone_mid_upload_counts_as_499_without_a_traceback(caplog):
+    import socket
+
+    uvicorn = pytest.importorskip("uvicorn")
+    from lftk.deploy.serve import _make_server, bind_socket, create_app
+    from lftk.deploy.validate import Limits
+
+    batcher = Batcher(ScriptedRunner(), max_batch=1, batch_wait_ms=0, max_queue=4)
+    app = create_app(batcher, Limits(), {"resolution": RES})
+    sock = bind_socket("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = _make_server(uvicorn.Config(app, log_config=None, lifespan="on"), Metrics())
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        body, content_type = _multipart({"instruction": "stack"}, {"image": ("f.png", _png(8, 8))})
+        with socket.create_connection(("127.0.0.1", port)) as client:  # says 10x the bytes it sends, then leaves
+            client.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
+                           f"Content-Length: {10 * len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
+            time.sleep(0.3)
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while 'lftk_requests_total{code="499"}' not in parse_samples(_get(url, "/metrics")[1]):
+            assert time.monotonic() < deadline, _get(url, "/metrics")[1]
+            time.sleep(0.05)
+        samples = parse_samples(_get(url, "/metrics")[1])
+        assert samples['lftk_requests_total{code="499"}'] == 1 and 'lftk_requests_total{code="500"}' not in samples
+        assert not [r for r in caplog.records if r.levelname == "ERROR"], "a client abort was logged as an error"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+    assert batcher.close(timeout=1)
+
+
 def test_metrics_exposition_is_prometheus_text():
     m = Metrics()
     m.request_started()
