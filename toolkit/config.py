@@ -23,7 +23,7 @@ from lftk.runtime.params import SamplingParams
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)  # lr=.inf is no number to train with
 
 
 class DataConfig(Strict):
@@ -163,6 +163,10 @@ class LossConfig(Strict):
         0.0, ge=0, description="Diffusion loss weight of latent cells holding saturated colour (small objects) in the "
         "current or future frame: 1 + this, normalised to mean 1; 0 = uniform. Loads both frames' pixels each step."
     )
+    snr_gamma: Optional[float] = Field(
+        None, gt=0, description="Min-SNR weighting (Hang et al. 2023): each sample's diffusion loss weighs "
+        "min(SNR, gamma) / SNR (epsilon) or / (SNR + 1) (v-prediction); 5 is the paper's value; null = uniform."
+    )
 
 
 class ResolutionStage(Strict):
@@ -269,7 +273,7 @@ class SamplingConfig(Strict):
 class Recipe(Strict):
     seed: int = Field(0, description="Seeds data order, noise, dropout.")
     output_dir: str = Field(description="Run dir (runs/NAME); created if missing.")
-    max_steps: Optional[int] = Field(description="Optimizer steps; null = train.epochs over the data.")
+    max_steps: Optional[int] = Field(ge=1, description="Optimizer steps; null = train.epochs over the data.")
     data: DataConfig
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
@@ -334,7 +338,9 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(str(path), ["recipe file not found"])
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError(str(path), [f"not a text file (byte {exc.start} is not UTF-8)"]) from exc
     except yaml.YAMLError as exc:
         raise ConfigError(str(path), [f"not valid YAML: {exc}"]) from exc
     if not isinstance(raw, dict):
@@ -358,10 +364,23 @@ def parse_overrides(overrides: list[str]) -> tuple[dict, list[str]]:
         if not all(parts):
             problems.append(f"override '{item}': empty key part")
             continue
-        node = tree
-        for part in parts[:-1]:
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as exc:
+            problems.append(f"override '{item}': the value is not valid YAML ({str(exc).splitlines()[0]})")
+            continue
+        node, clash = tree, None
+        for i, part in enumerate(parts[:-1]):
             node = node.setdefault(part, {})
-        node[parts[-1]] = yaml.safe_load(value) if value != "" else ""
+            if not isinstance(node, dict):
+                clash = ".".join(parts[: i + 1])
+                break
+        if clash is None and isinstance(node.get(parts[-1]), dict) and not isinstance(parsed, dict):
+            clash = key.strip()
+        if clash is not None:
+            problems.append(f"override '{item}': '{clash}' is set both as a value and as a section by these overrides")
+            continue
+        node[parts[-1]] = parsed
     return tree, problems
 
 

@@ -78,7 +78,7 @@ class Forward:
     noisy: torch.Tensor  # (B, 4, h, w) noised future latent
     steps: torch.Tensor  # (B,) timesteps
     target: torch.Tensor  # (B, 4, h, w) what the UNet should output: the noise, or the velocity (v-prediction)
-    weights: torch.Tensor | None = None  # (B, 1, h, w) per-cell loss weights, mean 1; None = uniform
+    weights: torch.Tensor | None = None  # (B, 1, h, w) or (B, 1, 1, 1) loss weights; None = uniform
 
     @property
     def diffusion_loss(self) -> torch.Tensor:
@@ -107,6 +107,9 @@ def training_loss(unet, parts: FrozenParts, batch: dict, dropout: float, seed: i
     """λ1·diffusion + λ2·perceptual + λ3·adversarial; returns (loss, {term: value}, decoded x0, target)."""
     fwd = ip2p_forward(unet, parts, batch, dropout, seed)
     fwd.weights = colour_cell_weights(batch, parts, weights.colour_weight, fwd.pred.device)
+    if weights.snr_gamma is not None:
+        snr = min_snr_weights(parts.noise_scheduler, fwd.steps, weights.snr_gamma).view(-1, 1, 1, 1)
+        fwd.weights = snr if fwd.weights is None else fwd.weights * snr
     terms = {"diffusion": fwd.diffusion_loss}
     decoded = target = None
     if aux is not None and aux.active:
@@ -167,6 +170,17 @@ def prediction_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, ste
     if check_prediction_type(scheduler) == "epsilon":
         return noise
     return scheduler.get_velocity(latents, noise, steps)
+
+
+def min_snr_weights(scheduler, steps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """(B,) per-sample loss weights of Min-SNR-gamma: min(SNR, gamma) / SNR for epsilon-prediction,
+    min(SNR, gamma) / (SNR + 1) for v-prediction, SNR = ᾱ / (1 - ᾱ) at each sample's timestep."""
+    alpha_bar = scheduler.alphas_cumprod.to(steps.device)[steps].float()
+    snr = alpha_bar / (1.0 - alpha_bar)
+    clipped = torch.clamp(snr, max=gamma)
+    if check_prediction_type(scheduler) == "epsilon":
+        return clipped / snr
+    return clipped / (snr + 1.0)
 
 
 def check_prediction_type(scheduler) -> str:
