@@ -132,6 +132,34 @@ def _offsets(runner: Runner, mode: str, frames: int, horizons: Sequence[int] | N
     return [None if step is None else step * k for k in range(1, frames + 1)]
 
 
+MAX_UPSCALE = 4  # a frame may be upscaled up to 4x to the model's side; smaller ones hold too little to predict from
+
+
+def check_frame(path: Path | str, resolution: int) -> Path | str:
+    """`path`, or LftkError when its shorter side is under resolution / MAX_UPSCALE (read from the header)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            side = min(im.size)
+    except Exception:  # unreadable: load_rgb names the file and the reason
+        return path
+    if side * MAX_UPSCALE < resolution:
+        raise LftkError(
+            f"{path}: {side} px on its shorter side; the model works at {resolution} px and lftk upscales frames at "
+            f"most {MAX_UPSCALE}x (at least {-(-resolution // MAX_UPSCALE)} px)"
+        )
+    return path
+
+
+def warn_long_instruction(tokenizer, instruction: str) -> None:
+    """CLIP reads `model_max_length` tokens (77): say so when an instruction is cut there."""
+    limit = getattr(tokenizer, "model_max_length", 77)
+    n = len(tokenizer(instruction, truncation=False)["input_ids"])
+    if n > limit:
+        log.warning("the instruction has %d tokens: the text encoder reads the first %d, the rest is cut", n, limit)
+
+
 def run_infer(
     model: str | Path,
     image: Path | None,
@@ -183,7 +211,8 @@ def run_infer(
     be = open_backend(model, backend, precision=precision, compile=compile)
     runner = Runner.from_backend(be, scheduler)
     runner.postprocess = post
-    current = load_rgb(image, runner.resolution)
+    current = load_rgb(check_frame(image, runner.resolution), runner.resolution)
+    warn_long_instruction(runner.tokenizer, instruction)
     offsets = _offsets(runner, mode, frames, horizons)
     params = runner.sampling.overridden(steps=steps, guidance=guidance, image_guidance=image_guidance)
     steps, guidance, image_guidance = params.steps, params.guidance, params.image_guidance

@@ -1,8 +1,10 @@
 """manifest.json of an export dir: what was built, from what, with which tools, and content hashes.
 
-A backend reads graphs only through `verify_manifest`, so a file changed after export (a partial
-copy, a hand edit, a foreign graph dropped in) is refused with the command that rebuilds it,
-never run. The manifest carries a digest of its own content, so an edited manifest is refused too.
+A backend reads an export only through `verify_manifest`, so a file changed after export (a partial
+copy, a hand edit, a foreign graph dropped in, an edited scheduler config) is refused with the
+command that rebuilds it, never run: the manifest hashes every graph, variant and engine and every
+file of the `pipeline/` copy the runtime reads (tokenizer, scheduler, configs, weights). The manifest
+carries a digest of its own content, so an edited manifest is refused too, and so is one without it.
 
 Layout beyond the fp32 graphs (`components.<name>.files`):
     components.<name>.variants.<precision>   derived ONNX graphs (fp16, int8 Q/DQ): files, source hash
@@ -65,6 +67,13 @@ def file_record(export_dir: Path, rel: str) -> dict:
     return {"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
+def pipeline_records(export_dir: Path) -> list[dict]:
+    """A file record for every file under the export's pipeline/ copy."""
+    root = Path(export_dir) / PIPELINE_DIR
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    return [file_record(export_dir, p.relative_to(export_dir).as_posix()) for p in files]
+
+
 def manifest_digest(manifest: dict) -> str:
     """sha256 of the manifest's content (keys sorted, the digest itself left out)."""
     body = {k: v for k, v in manifest.items() if k != "digest"}
@@ -90,13 +99,20 @@ def read_manifest(export_dir: Path) -> dict:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise LftkError(f"{path}: unreadable manifest ({exc}); {rebuild_hint(export_dir, {})}") from None
+    if not isinstance(manifest, dict):
+        raise LftkError(f"{path}: not a manifest (a JSON object); {rebuild_hint(export_dir, {})}")
     if manifest.get("format") != FORMAT:
         raise LftkError(
             f"{path}: manifest format {manifest.get('format')!r}, this lftk reads {FORMAT!r}; "
             f"{rebuild_hint(export_dir, manifest)}"
         )
-    # Manifests written before the digest existed have none; any manifest that has one must match it.
-    if "digest" in manifest and manifest["digest"] != manifest_digest(manifest):
+    if "digest" not in manifest or "pipeline_files" not in manifest:
+        missing = "its digest" if "digest" not in manifest else "the hashes of its pipeline/ files"
+        raise LftkError(
+            f"{path}: the manifest lacks {missing} (removed, or written by an older lftk), so the export cannot be "
+            f"verified; refusing it; {rebuild_hint(export_dir, manifest)}"
+        )
+    if manifest["digest"] != manifest_digest(manifest):
         raise LftkError(
             f"{path}: edited after export (its digest does not match its content); refusing the export; "
             f"{rebuild_hint(export_dir, manifest)}"
@@ -138,7 +154,9 @@ def engine_hint(export_dir: Path, precision: str) -> str:
 
 
 def file_records(manifest: dict):
-    """(what, record) for every file the manifest lists: fp32 graphs, variants, engines."""
+    """(what, record) for every file the manifest lists: fp32 graphs, variants, engines, pipeline/ files."""
+    for rec in manifest.get("pipeline_files", []):
+        yield "pipeline file", rec
     for name, comp in manifest.get("components", {}).items():
         for rec in comp.get("files", []):
             yield f"{name} graph", rec
@@ -204,5 +222,9 @@ def verify_manifest(export_dir: Path) -> dict:
             raise LftkError(f"{path}: missing ({what} listed in {MANIFEST}); {hint}")
         if path.stat().st_size != rec["bytes"] or sha256_file(path) != rec["sha256"]:
             raise LftkError(f"{path}: content differs from {MANIFEST} (changed since export); refusing to run it; {hint}")
+    listed = {rec["path"] for rec in manifest.get("pipeline_files", [])}
+    extra = [p for p in sorted((export_dir / PIPELINE_DIR).rglob("*")) if p.is_file() and p.relative_to(export_dir).as_posix() not in listed]
+    if extra:
+        raise LftkError(f"{extra[0]}: not in {MANIFEST} (added since export); refusing the export; {rebuild_hint(export_dir, manifest)}")
     log.debug("manifest of %s verified", export_dir)
     return manifest

@@ -27,7 +27,7 @@ import torch
 
 from lftk.errors import LftkError
 from lftk.export.contract import ComponentContract, build_contracts
-from lftk.export.manifest import MANIFEST, ONNX_DIR, PIPELINE_DIR, file_record, tool_versions, write_manifest
+from lftk.export.manifest import MANIFEST, ONNX_DIR, PIPELINE_DIR, file_record, pipeline_records, tool_versions, write_manifest
 from lftk.export.parity import check_parity, raise_on_failure
 from lftk.export.stages import Report, stage
 from lftk.model.base import load_pipeline, read_meta, write_meta
@@ -185,6 +185,7 @@ def export_onnx(
         "exporter": "torch.onnx (TorchScript, dynamo=False)",
         "versions": tool_versions(),
         "components": components,
+        "pipeline_files": pipeline_records(out),
         "parity": {
             "frame_psnr_db": parity["frame"]["psnr_db"],
             **{f"{n}_max_abs_diff": r["max_abs_diff"] for n, r in parity["components"].items()},

@@ -23,12 +23,16 @@ RECORDED = {"steps": 2, "guidance": 2.5, "image_guidance": 4.0, "tuned_on": "tes
 
 
 @pytest.fixture(scope="module")
-def tuned_export(tiny_export_dir, tmp_path_factory) -> Path:
-    """The tiny export whose model records its own sampling defaults."""
-    out = tmp_path_factory.mktemp("tuned") / "export"
-    shutil.copytree(tiny_export_dir, out)
-    write_meta(out / "pipeline", {"sampling": RECORDED})
-    return out
+def tuned_export(tiny_pipeline_dir, tmp_path_factory) -> Path:
+    """The tiny model, recording its own sampling defaults, exported (an export's files are hashed:
+    its lftk_model.json cannot be edited after the fact)."""
+    from lftk.export.onnx_export import export_onnx
+
+    root = tmp_path_factory.mktemp("tuned")
+    shutil.copytree(tiny_pipeline_dir, root / "pipeline")
+    write_meta(root / "pipeline", {"sampling": RECORDED})
+    export_onnx(root / "pipeline", root / "export")
+    return root / "export"
 
 
 def test_params_take_the_model_defaults_then_what_is_given():

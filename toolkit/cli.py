@@ -102,6 +102,9 @@ def data_import(
     trust_pickle: bool = typer.Option(False, "--trust-pickle", help="Let robotwin-pkl load pickles: loading one runs code."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first bad file instead of skipping it."),
     task: Optional[str] = typer.Option(None, help="Task name for everything imported (default: from the source's dirs)."),
+    follow_links: bool = typer.Option(
+        False, "--follow-links", help="Also read files that links or table paths place outside SRC (skipped by default)."
+    ),
 ) -> None:
     """Import real data. RoboTwin HDF5 and pickles, frame folders and videos become an episodes dir
     (OUT/<task>/episode<k>/<i>.jpg + episode.json, for `lftk data pairs`); InstructPix2Pix sample
@@ -115,7 +118,7 @@ def data_import(
 
     summary = import_data(
         src, out, format, instruction=instruction, camera=camera, fps=fps, resolution=resolution,
-        horizon=horizon, trust_pickle=trust_pickle, strict=strict, task=task,
+        horizon=horizon, trust_pickle=trust_pickle, strict=strict, task=task, follow_links=follow_links,
     )
     skipped = f"{len(summary['skipped'])} skipped" + (" (see the warnings)" if summary["skipped"] else "")
     if summary["kind"] == "pairs":
@@ -200,7 +203,10 @@ def init_base_cmd(
 def train_cmd(
     recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
     overrides: Optional[List[str]] = typer.Argument(None, help="key=value overrides, dotted paths: train.lr=3e-4"),
-    resume: bool = typer.Option(False, "--resume", help="Continue from the newest complete checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest intact complete checkpoint."),
+    trust_checkpoint: bool = typer.Option(
+        False, "--trust-checkpoint", help="With --resume: let checkpoint files unpickle arbitrary types (that can run code)."
+    ),
     nproc: int = typer.Option(1, "--nproc", min=1, help="Local processes (GPUs); >1 launches torchrun."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved recipe and exit."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Estimate per-rank GPU memory and exit (no data, no weights)."),
@@ -224,10 +230,11 @@ def train_cmd(
     if nproc > 1 and "RANK" not in os.environ:
         from lftk.train.launch import launch_local
 
-        raise typer.Exit(launch_local(nproc, [str(recipe), *(overrides or [])] + (["--resume"] if resume else [])))
+        flags = (["--resume"] if resume else []) + (["--trust-checkpoint"] if trust_checkpoint else [])
+        raise typer.Exit(launch_local(nproc, [str(recipe), *(overrides or [])] + flags))
     from lftk.train.loop import train
 
-    run = train(cfg, resume=resume)
+    run = train(cfg, resume=resume, trust_checkpoint=trust_checkpoint)
     if int(os.environ.get("RANK", 0)) == 0:
         _done(f"run: {run.root}\nfinal model: {run.final}\nnext: lftk eval {run.root} --data {cfg.data.path}")
 

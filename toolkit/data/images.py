@@ -44,6 +44,8 @@ def open_image(path: Path | str) -> Image.Image:
             return im.copy()
     except FileNotFoundError:
         raise LftkError(f"{path}: image not found") from None
+    except Image.DecompressionBombError as exc:
+        raise LftkError(f"{path}: refused: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise LftkError(f"{path}: not a readable image ({exc})") from None
 
@@ -53,6 +55,8 @@ def decode_image_bytes(data: bytes, name: str) -> Image.Image:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
             return im.copy()
+    except Image.DecompressionBombError as exc:
+        raise LftkError(f"{name}: refused: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise LftkError(f"{name}: not a readable image ({exc})") from None
 

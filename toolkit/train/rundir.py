@@ -29,8 +29,8 @@ class RunDir:
 
     def create(self, recipe: Recipe, resume: bool) -> None:
         """A fresh run refuses a dir that already holds one; --resume needs the same config
-        (max_steps aside: extending a finished run is a resume too; and `sampling`, which only
-        chooses the defaults recorded once training ends)."""
+        (max_steps aside: extending a finished run is a resume too; `sampling`, which only chooses
+        the defaults recorded once training ends; and output_dir, for a run dir moved or copied)."""
         text = dump_recipe(recipe)
         if self.config.exists():
             if not resume:
@@ -41,7 +41,7 @@ class RunDir:
             if changed:
                 raise LftkError(
                     f"{self.config}: --resume with a different recipe (changed: {', '.join(changed)}); "
-                    f"only {' and '.join(RESUMABLE_CHANGES)} may change on resume"
+                    f"only {', '.join(RESUMABLE_CHANGES)} may change on resume"
                 )
         elif resume:
             raise LftkError(f"{self.root}: nothing to resume (no resolved_config.yaml)")
@@ -55,9 +55,24 @@ class RunDir:
             self.tensorboard.log(row["step"], row)
 
     def read_metrics(self) -> list[dict]:
+        """Every row; a torn last line (a run killed mid-write) is dropped with a WARNING, a bad line
+        before the last is refused (that file was edited or damaged, not cut short)."""
         if not self.metrics.exists():
             return []
-        return [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        lines = [line for line in self.metrics.read_text(errors="replace").splitlines() if line.strip()]
+        rows = []
+        for n, line in enumerate(lines, 1):
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not an object")
+            except ValueError as exc:
+                if n == len(lines):
+                    log.warning("%s: dropping its torn last line %d (the run was stopped mid-write)", self.metrics, n)
+                    break
+                raise LftkError(f"{self.metrics}: line {n} is not a JSON object ({exc}); fix or remove that line") from exc
+            rows.append(row)
+        return rows
 
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop rows logged after the checkpoint so the log has no duplicate steps."""
@@ -90,7 +105,8 @@ class RunDir:
         os.replace(tmp, self.loss_png)
 
 
-RESUMABLE_CHANGES = ("max_steps", "sampling")  # recipe keys a resume may change: neither alters a step
+# Recipe keys a resume may change: none alters a step (output_dir: a run dir moved or copied resumes where it is).
+RESUMABLE_CHANGES = ("max_steps", "sampling", "output_dir")
 
 
 def write_atomic(path: Path, text: str) -> None:

@@ -45,5 +45,6 @@ def _load(path: Path) -> tuple[Image.Image, dict]:
 def open_episode(path: Path, ctx: Context) -> Iterator[EpisodeSource]:
     task = task_name(path.parent.name, ctx.opts)
     files = natural_sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file() and not p.name.startswith("."))
+    files = [ctx.inside(p) for p in files]  # one frame linked out of SRC: the episode is skipped, not gapped
     frames = (Frame(j, None, lambda p=p: _load(p)) for j, p in enumerate(files))
     yield EpisodeSource(path, task, default_instruction(task, ctx.opts), frames, source_rate(ctx.opts))

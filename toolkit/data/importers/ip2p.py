@@ -68,7 +68,11 @@ def _split_and_name(rel_parts: tuple[str, ...]) -> tuple[str, str]:
 
 
 def _rel_parts(path: Path, src: Path) -> tuple[str, ...]:
-    return path.relative_to(src).parts if path != src and src.is_dir() else (path.name,)
+    """Path parts below SRC; SRC itself (a sample dir or a table given directly) by its real name,
+    so `.` and `..` name their dirs, never an empty or a parent-escaping sample name."""
+    if path != src and src.is_dir():
+        return path.relative_to(src).parts
+    return (path.resolve().name or "sample",)
 
 
 # ---------------------------------------------------------------------------------------------- sample dirs
@@ -104,6 +108,7 @@ def _pairs_in(d: Path) -> list[tuple[str, Path, Path]]:
 
 
 def _import_sample_dir(d: Path, w: _Writer, ctx: Context) -> None:
+    ctx.inside(d / PROMPT_NAME)
     prompt = _read_prompt(d, ctx)
     pairs = _pairs_in(d)
     if not pairs:
@@ -111,7 +116,10 @@ def _import_sample_dir(d: Path, w: _Writer, ctx: Context) -> None:
     split, name = _split_and_name(_rel_parts(d, ctx.src))
     for stem, current, future in pairs:
         try:
-            images = open_image(current), open_image(future)
+            images = open_image(ctx.inside(current)), open_image(ctx.inside(future))
+        except BadSource as bad:
+            ctx.ledger.skip(bad.path, bad.reason)
+            continue
         except LftkError as exc:  # one bad pair does not cost the dir's other pairs
             ctx.ledger.skip(current.parent, str(exc))
             continue
@@ -158,19 +166,20 @@ def _batches(path: Path) -> Iterator:
         raise BadSource(path, f"unreadable from here on ({exc})") from None
 
 
-def _cell_image(cell, table: Path, where: str) -> Image.Image:
+def _cell_image(cell, table: Path, where: str, ctx: Context) -> Image.Image:
     if isinstance(cell, dict):  # `datasets` Image feature: {"bytes": ..., "path": ...}
         if cell.get("bytes"):
             return decode_image_bytes(cell["bytes"], where)
         if cell.get("path"):
             p = Path(cell["path"])
-            return open_image(p if p.is_absolute() else table.parent / p)
+            return open_image(ctx.inside(p if p.is_absolute() else table.parent / p))
     elif isinstance(cell, (bytes, bytearray)) and cell:
         return decode_image_bytes(bytes(cell), where)
     raise BadSource(where, "no image in this cell")
 
 
 def _import_table(path: Path, w: _Writer, ctx: Context) -> None:
+    ctx.inside(path)
     parts = _rel_parts(path, ctx.src)
     stem = Path(parts[-1]).stem
     m = _SPLIT_PREFIX.match(stem)
@@ -182,8 +191,8 @@ def _import_table(path: Path, w: _Writer, ctx: Context) -> None:
         for r in range(batch.num_rows):
             where = f"{path}#row{row}"
             try:
-                current = _cell_image(cols["input_image"][r], path, f"{where}:input_image")
-                future = _cell_image(cols["edited_image"][r], path, f"{where}:edited_image")
+                current = _cell_image(cols["input_image"][r], path, f"{where}:input_image", ctx)
+                future = _cell_image(cols["edited_image"][r], path, f"{where}:edited_image", ctx)
                 text = ctx.opts.instruction or cols["edit_prompt"][r]
                 if not isinstance(text, str) or not text.strip():
                     raise BadSource(where, "empty edit_prompt")

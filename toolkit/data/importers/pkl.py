@@ -94,6 +94,6 @@ def _load(path: Path, camera: str, j: int) -> tuple[Image.Image, dict]:
 @contextmanager
 def open_episode(path: Path, ctx: Context) -> Iterator[EpisodeSource]:
     task = task_name(path.parent.name.removesuffix("_pkl"), ctx.opts)
-    files = natural_sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())
+    files = [ctx.inside(p) for p in natural_sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())]
     frames = (Frame(j, None, partial(_load, p, ctx.opts.camera, j)) for j, p in enumerate(files))
     yield EpisodeSource(path, task, default_instruction(task, ctx.opts), frames, source_rate(ctx.opts), {"camera": ctx.opts.camera})
