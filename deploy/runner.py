@@ -11,7 +11,6 @@ uses seed + k - 1, so any frame of a rollout can be regenerated alone from its p
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Callable, Sequence
@@ -286,6 +285,6 @@ class Runner:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        raise LftkError(f"{path}: missing")
-    return json.loads(path.read_text())
+    from lftk.jsonfile import read_object
+
+    return read_object(path)

@@ -96,8 +96,8 @@ def read_manifest(export_dir: Path) -> dict:
     if not path.is_file():
         raise LftkError(f"{export_dir}: no {MANIFEST}: not an export dir (make one with `lftk export MODEL --onnx`)")
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise LftkError(f"{path}: unreadable manifest ({exc}); {rebuild_hint(export_dir, {})}") from None
     if not isinstance(manifest, dict):
         raise LftkError(f"{path}: not a manifest (a JSON object); {rebuild_hint(export_dir, {})}")

@@ -304,3 +304,92 @@ def test_imports_stay_inside_src_unless_follow_links(tmp_path, tiny_pairs_dir):
     pq.write_table(pa.table({"input_image": [own], "edit_prompt": ["stack"], "edited_image": [cell]}), table)
     with pytest.raises(LftkError, match="no usable pair"):
         import_data(tmp_path / "tsrc", tmp_path / "tout", "ip2p")
+
+
+# ------------------------------------------------------------------------------------ corruption harness
+
+
+def _flip(path: Path, at: float = 0.5) -> None:
+    data = bytearray(path.read_bytes())
+    i = min(int(len(data) * at), len(data) - 1)
+    data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: max(1, path.stat().st_size // 2)])
+
+
+DAMAGE = {"flip": _flip, "truncate": _truncate}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_artifacts_are_refused_or_fallen_back_from(damage, tmp_path, four_step_run, tiny_export_dir,
+                                                           tiny_pairs_dir, caplog):
+    """Each kind of artifact lftk reads back, damaged: a clear refusal or a stated fallback, never a
+    traceback or a silently different result."""
+    from lftk.data.episodes import scan_episodes
+    from lftk.data.pairset import PairSet, read_summary
+    from lftk.export.manifest import verify_manifest
+    from lftk.model.base import read_meta
+    from lftk.train.checkpoint import verify
+    from lftk.train.rundir import RunDir
+
+    hurt = DAMAGE[damage]
+    outcomes = {}
+
+    run = tmp_path / "run"  # checkpoint files: the tag no longer verifies (resume then falls back: test above)
+    shutil.copytree(four_step_run, run)
+    for f in sorted((run / "checkpoints" / "step0000004").glob("*.pt")):
+        hurt(f)
+        outcomes[f.name] = verify(f.parent)
+        assert outcomes[f.name] and f.name in outcomes[f.name]
+        shutil.copy(four_step_run / "checkpoints" / "step0000004" / f.name, f)
+
+    for rel in ("manifest.json", "onnx/unet.onnx", "pipeline/lftk_model.json", "pipeline/scheduler/scheduler_config.json"):
+        exp = tmp_path / f"export-{rel.replace('/', '_')}"
+        shutil.copytree(tiny_export_dir, exp)
+        hurt(exp / rel)
+        with pytest.raises(LftkError) as info:
+            verify_manifest(exp)
+        outcomes[rel] = str(info.value).splitlines()[0]
+
+    pairs = tmp_path / "pairs"  # pairs.json and a sample's prompt.json
+    shutil.copytree(tiny_pairs_dir, pairs)
+    hurt(pairs / "pairs.json")
+    with pytest.raises(LftkError, match="pairs.json"):
+        read_summary(pairs)
+    sample = next((pairs / "train").iterdir())
+    hurt(sample / "prompt.json")
+    with pytest.raises(LftkError, match="prompt.json"):
+        PairSet(pairs, "train")
+
+    meta_dir = tmp_path / "model"  # lftk_model.json of a model dir
+    meta_dir.mkdir()
+    (meta_dir / "lftk_model.json").write_text(json.dumps({"preset": "tiny", "resolution": 64, "sampling": {"steps": 20}}))
+    hurt(meta_dir / "lftk_model.json")
+    with pytest.raises(LftkError, match="lftk_model.json"):
+        read_meta(meta_dir)
+
+    for k in (0, 1):  # episode.json: the damaged episode is skipped, with the reason
+        ep = tmp_path / "episodes" / "task" / f"episode{k}"
+        ep.mkdir(parents=True)
+        for i in (0, 1):
+            shutil.copy(next((tiny_pairs_dir / "train").iterdir()) / "000000_0.jpg", ep / f"{i}.jpg")
+        (ep / "episode.json").write_text(json.dumps({"instruction": "stack the blocks", "frames": 2}))
+    hurt(tmp_path / "episodes" / "task" / "episode0" / "episode.json")
+    scan = scan_episodes(tmp_path / "episodes")
+    assert [e.path.name for e in scan.episodes] == ["episode1"] and "episode.json" in scan.skipped[0].reason
+
+    rd = RunDir(tmp_path / "metrics-run")  # metrics.jsonl: a torn tail is dropped with a WARNING, damage inside refused
+    rd.root.mkdir()
+    rd.metrics.write_text("".join(json.dumps({"step": i, "loss": 0.5}) + "\n" for i in range(1, 9)))
+    hurt(rd.metrics)
+    caplog.set_level("WARNING")
+    torn = not rd.metrics.read_bytes().endswith(b"\n")
+    try:
+        rows = rd.read_metrics()  # what is left is the log's first rows, each whole
+        assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)) and rows
+        assert ("torn last line" in caplog.text) == torn
+    except LftkError as exc:
+        assert "metrics.jsonl: line" in str(exc)

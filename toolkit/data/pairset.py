@@ -81,13 +81,9 @@ def format_prompt(template: str, instruction: str, horizon: int | None = None, *
 
 def read_summary(root: Path | str) -> dict:
     """pairs.json of a pair dir, or {} for pair dirs made elsewhere."""
-    path = Path(root) / PAIRS_SUMMARY
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise LftkError(f"{path}: not valid JSON ({exc})") from None
+    from lftk.jsonfile import read_object
+
+    return read_object(Path(root) / PAIRS_SUMMARY, missing={})
 
 
 def split_names(root: Path | str) -> list[str]:

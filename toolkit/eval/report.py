@@ -213,10 +213,9 @@ def read_report(path: Path | str) -> dict:
     p = Path(path)
     for cand in (p, p / REPORT_JSON, p / "eval" / REPORT_JSON):
         if cand.is_file():
-            try:
-                return json.loads(cand.read_text())
-            except json.JSONDecodeError as exc:
-                raise LftkError(f"{cand}: not valid JSON ({exc})") from None
+            from lftk.jsonfile import read_object
+
+            return read_object(cand)
     raise LftkError(f"{path}: no {REPORT_JSON} (expected a report dir, a run dir with eval/, or the file)")
 
 

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 import torch
 
+from lftk.jsonfile import read_object
 from lftk.errors import LftkError
 from lftk.model.components import build_components, make_scheduler, preset_spec
 
@@ -39,14 +40,14 @@ def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None):
 
 def write_meta(model_dir: Path, meta: dict) -> None:
     path = Path(model_dir) / LFTK_META
-    old = json.loads(path.read_text()) if path.is_file() else {}
+    old = read_object(path, missing={})
     old.update(meta)
     path.write_text(json.dumps(old, indent=2, sort_keys=True))
 
 
 def read_meta(model_dir: Path) -> dict:
     path = Path(model_dir) / LFTK_META
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_object(path, missing={})
 
 
 def init_base(
