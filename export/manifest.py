@@ -21,6 +21,7 @@ import logging
 import platform
 from pathlib import Path
 
+from lftk.atomic import sha256_file
 from lftk.errors import LftkError
 
 log = logging.getLogger(__name__)
@@ -29,15 +30,6 @@ MANIFEST = "manifest.json"
 FORMAT = "lftk-export/1"
 ONNX_DIR = "onnx"
 PIPELINE_DIR = "pipeline"
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tool_versions() -> dict:

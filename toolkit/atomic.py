@@ -10,6 +10,9 @@ point leaves either the old output or the new one under NAME:
 - killed between the two renames: NAME is missing and `.NAME.old-*` holds the previous output;
   the next writer of NAME renames it back (with a WARNING) before it starts.
 
+Small files are written the same way (`write_text`, `write_bytes`). `sha256_file` is the one file digest
+that checkpoints, latent caches and export manifests record.
+
 Leftovers are removed by the next writer of the same NAME when the process that made them is gone
 (same host, pid no longer running): a staging dir of a live process, or of another host on a
 shared filesystem, is never touched.
@@ -17,6 +20,7 @@ shared filesystem, is never touched.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -103,12 +107,25 @@ def swap_in(tmp: Path, dest: Path) -> None:
     shutil.rmtree(aside, ignore_errors=True) if aside.is_dir() else aside.unlink(missing_ok=True)
 
 
-def write_text(dest: Path, text: str) -> None:
+def write_bytes(dest: Path, data: bytes) -> None:
     """Write a small file whole: a reader sees the old content or the new, never a torn one."""
     tmp = staging_file(dest)
     try:
-        tmp.write_text(text)
+        tmp.write_bytes(data)
         os.replace(tmp, dest)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def write_text(dest: Path, text: str) -> None:
+    write_bytes(dest, text.encode())
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks (the digest every lftk record uses)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

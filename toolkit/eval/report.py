@@ -8,7 +8,6 @@ tables can never disagree with the rows.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -193,17 +192,13 @@ def render_markdown(report: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)  # a reader never sees half a report
-
-
 def write_report(out: Path, report: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     # allow_nan=False: a NaN or inf that slipped through is a bug to see now, not invalid JSON later.
-    _write_atomic(out / REPORT_JSON, json.dumps(report, indent=1, allow_nan=False).encode())
-    _write_atomic(out / REPORT_MD, render_markdown(report).encode())
+    from lftk import atomic
+
+    atomic.write_bytes(out / REPORT_JSON, json.dumps(report, indent=1, allow_nan=False).encode())  # never half a report
+    atomic.write_bytes(out / REPORT_MD, render_markdown(report).encode())
 
 
 def read_report(path: Path | str) -> dict:

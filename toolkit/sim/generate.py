@@ -155,7 +155,8 @@ def simulate(
         raise LftkError(f"{out}: exists and is not a directory")
     urdf = str(light_panda_urdf())  # decimate once here, not racing in every worker
     wanted = [Job(t, k, episode_seed(seed, t, k), frames, resolution, str(out), urdf) for t in names for k in range(episodes)]
-    jobs = [j for j in wanted if not _already_done(j)]
+    done_before = {j: meta for j in wanted if (meta := _finished_meta(j)) is not None}
+    jobs = [j for j in wanted if j not in done_before]
     if len(jobs) < len(wanted):
         log.info("%s: %d of %d episodes already there (same seed, frames, resolution): simulating the other %d",
                  out, len(wanted) - len(jobs), len(wanted), len(jobs))
@@ -175,13 +176,12 @@ def simulate(
     workers = max(1, min(workers, len(jobs)))
     log.info("simulating %d episodes x %d frames at %d px with %d worker(s) -> %s",
              len(jobs), frames, resolution, workers, out)
-    if not jobs:
-        pass
-    elif workers == 1 and not _caller_has_client():
+    if jobs and workers == 1 and not _caller_has_client():
         _run_inline(jobs, done)
-    else:
+    elif jobs:
         _run_pool(jobs, workers, done)
-    results += [_done_result(j) for j in wanted if j not in jobs]
+    results += [{"task": j.task, "episode": j.episode, "success": bool(m.get("success")), "frames": j.frames}
+                for j, m in done_before.items()]
 
     summary_tasks = {
         t: {
@@ -199,10 +199,11 @@ def simulate(
     }
 
 
-def _already_done(job: Job) -> bool:
-    """True for a complete episode of this job's settings; LftkError for one made with others."""
+def _finished_meta(job: Job) -> dict | None:
+    """episode.json of a complete episode of this job's settings, None when there is none; LftkError
+    for one made with other settings."""
     if not job.dest.exists():
-        return False
+        return None
     meta_path = job.dest / "episode.json"
     try:
         meta = json.loads(meta_path.read_text())
@@ -218,12 +219,7 @@ def _already_done(job: Job) -> bool:
     if missing:
         raise LftkError(f"{job.dest}: frame {missing[0]}.jpg is missing ({len(missing)} of {job.frames}); remove the episode "
                         "and run again to re-simulate it")
-    return True
-
-
-def _done_result(job: Job) -> dict:
-    meta = json.loads((job.dest / "episode.json").read_text())
-    return {"task": job.task, "episode": job.episode, "success": bool(meta.get("success")), "frames": job.frames}
+    return meta
 
 
 def _caller_has_client() -> bool:

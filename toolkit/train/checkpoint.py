@@ -14,7 +14,6 @@ the type it asks for, unless `lftk train --resume --trust-checkpoint` says the f
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from lftk.atomic import sha256_file
 from lftk.errors import LftkError
 
 log = logging.getLogger(__name__)
@@ -69,18 +69,10 @@ def _rotate(ckpt_dir: Path, keep: int, current: str) -> None:
         shutil.rmtree(ckpt_dir / name, ignore_errors=True)
 
 
-def _digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _inventory(tag_dir: Path) -> dict:
     """{relative path: {"bytes", "sha256"}} of every file DeepSpeed wrote into the tag."""
     files = sorted(p for p in tag_dir.rglob("*") if p.is_file() and p.name != COMPLETE)
-    return {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": _digest(p)} for p in files}
+    return {str(p.relative_to(tag_dir)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}
 
 
 def verify(tag_dir: Path) -> str | None:
@@ -102,7 +94,7 @@ def verify(tag_dir: Path) -> str | None:
             return f"{f} is missing"
         if f.stat().st_size != want.get("bytes"):
             return f"{f} has {f.stat().st_size} bytes, {want.get('bytes')} when saved"
-        if _digest(f) != want.get("sha256"):
+        if sha256_file(f) != want.get("sha256"):
             return f"{f} differs from the file saved (sha256)"
     return None
 

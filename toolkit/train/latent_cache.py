@@ -55,14 +55,6 @@ def frames_digest(pairs: PairSet) -> str:
     return h.hexdigest()
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _problem(path: Path, names: list[str], frames: str) -> str | None:
     """Why the cache at `path` cannot be used for these pairs, or None when it can."""
     index = path / INDEX
@@ -78,7 +70,7 @@ def _problem(path: Path, names: list[str], frames: str) -> str | None:
         return "built from other frames"
     for key in ARRAYS:
         f, want = path / f"{key}.npy", meta.get("arrays", {}).get(key, {})
-        if not f.is_file() or f.stat().st_size != want.get("bytes") or _file_digest(f) != want.get("sha256"):
+        if not f.is_file() or f.stat().st_size != want.get("bytes") or atomic.sha256_file(f) != want.get("sha256"):
             return f"{f} is missing or damaged"
     return None
 
@@ -100,7 +92,7 @@ def build(pixels_of, pairs: PairSet, vae, path: Path, batch_size: int = 32) -> P
     t0 = time.perf_counter()
     try:
         _encode_into(tmp, pixels_of, pairs, vae, batch_size)
-        arrays = {k: {"bytes": (tmp / f"{k}.npy").stat().st_size, "sha256": _file_digest(tmp / f"{k}.npy")} for k in ARRAYS}
+        arrays = {k: {"bytes": (tmp / f"{k}.npy").stat().st_size, "sha256": atomic.sha256_file(tmp / f"{k}.npy")} for k in ARRAYS}
         (tmp / INDEX).write_text(json.dumps({"samples": names, "frames": frames, "arrays": arrays}))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,8 @@ from lftk.train.data import PairDataset, check_prompts, make_loader
 from lftk.train.engine import setup_engine
 from lftk.train.aux_losses import AuxLosses
 from lftk.train.objective import FrozenParts, check_prediction_type, ip2p_loss, training_loss
-from lftk.train.rundir import RunDir, replace_dir
+from lftk import atomic
+from lftk.train.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -193,8 +193,7 @@ def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
     if s.rank != 0:
         return
     sampling = _sampling_defaults(s, s.recipe.train.resolution)
-    tmp = s.run.root / "final.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = atomic.staging_dir(s.run.final)
     from lftk.train.lora import split_trained
 
     unet, vae = split_trained(engine.module)
@@ -229,7 +228,7 @@ def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
             "sampling": sampling,
         },
     )
-    replace_dir(tmp, s.run.final)
+    atomic.swap_in(tmp, s.run.final)
 
 
 def _micro_batches(s: Setup, step: int, steps: int):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 
 import yaml
 
+from lftk import atomic
 from lftk.config import Recipe, dump_recipe
 from lftk.errors import LftkError
 
@@ -46,7 +46,7 @@ class RunDir:
         elif resume:
             raise LftkError(f"{self.root}: nothing to resume (no resolved_config.yaml)")
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.config, text)
+        atomic.write_text(self.config, text)
 
     def log_metrics(self, row: dict) -> None:
         with self.metrics.open("a") as f:
@@ -77,7 +77,7 @@ class RunDir:
     def truncate_metrics(self, after_step: int) -> None:
         """On resume, drop rows logged after the checkpoint so the log has no duplicate steps."""
         rows = [r for r in self.read_metrics() if r.get("step", 0) <= after_step]
-        write_atomic(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
+        atomic.write_text(self.metrics, "".join(json.dumps(r) + "\n" for r in rows))
 
     def plot_loss(self) -> None:
         import matplotlib
@@ -108,17 +108,3 @@ class RunDir:
 # Recipe keys a resume may change: none alters a step (output_dir: a run dir moved or copied resumes where it is).
 RESUMABLE_CHANGES = ("max_steps", "sampling", "output_dir")
 
-
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written dir into place; the old one (if any) goes only after the new one is there."""
-    old = final.with_name(final.name + ".old")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
