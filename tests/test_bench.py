@@ -173,3 +173,47 @@ def test_gpu_scripts_parse_and_name_only_real_bench_options(script):
         line = text[text.index("lftk bench --model") :].split("\n\n")[0]
         used = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", line))
         assert used and used <= known, used - known
+
+
+def test_gpu_script_passes_only_options_its_helpers_take():
+    """Every `--option` gpu.sh gives bench/train_steps.py, diffusers_rollout.py and gpu_inventory.py is one
+    of theirs (their argparse parsers, read by running --help)."""
+    import re
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    text = (root / "bench" / "gpu.sh").read_text()
+    for script in ("train_steps.py", "diffusers_rollout.py", "gpu_inventory.py"):
+        calls = re.findall(rf'bench/{script}(.*?)(?:>|\|\||2>&1|$)', text.replace("\\\n", " "), flags=re.M)
+        assert calls, f"gpu.sh does not call bench/{script}"
+        helptext = subprocess.run([sys.executable, str(root / "bench" / script), "--help"], capture_output=True,
+                                  text=True, check=True).stdout
+        known = set(re.findall(r"--[a-z][a-z-]*", helptext))
+        for call in calls:
+            used = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", call))
+            assert used <= known, f"{script}: {used - known} not among its options"
+
+
+@pytest.mark.slow
+def test_gpu_script_rehearses_on_cpu_with_tiny_sizes(tmp_path):
+    """The whole checklist end to end on this CPU with the tiny preset: every step runs and writes its file."""
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "out"
+    env = {**os.environ, "PRESET": "tiny", "STEPS": "1", "FRAMES": "2", "RES": "64", "REPEATS": "1", "COMPILE": "0",
+           "TRAIN_STEPS": "3", "TESTS": "0", "OUT": str(out), "WORK": str(tmp_path / "work"), "OMP_NUM_THREADS": "2",
+           "TRAIN_OVERRIDES": "train.precision=fp32 train.optimizer=adamw train.resolution=64 train.gradient_checkpointing=false",
+           "PYTHON": __import__("sys").executable}
+    res = subprocess.run(["bash", "bench/gpu.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    inv = json.loads((out / "inventory.json").read_text())
+    assert inv["packages"]["torch"]["importable"] and "deepspeed" in inv["packages"]
+    assert json.loads((out / "diffusers-rollout.json").read_text())["frames"] == 2
+    for recipe in ("stage2", "stage2-24gb"):
+        row = json.loads((out / f"train-{recipe}.json").read_text())
+        assert row["engine"] == "lftk engine (DeepSpeed)" and row["steps"] == 3 and row["dry_run_gib"] > 0, row
+    assert json.loads((out / "bench-tiny-64px-1steps.json").read_text())

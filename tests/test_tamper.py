@@ -393,3 +393,16 @@ def test_damaged_artifacts_are_refused_or_fallen_back_from(damage, tmp_path, fou
         assert ("torn last line" in caplog.text) == torn
     except LftkError as exc:
         assert "metrics.jsonl: line" in str(exc)
+
+
+def test_atomic_outputs_get_the_permissions_a_plain_write_would(tmp_path):
+    import os
+
+    from lftk import atomic
+
+    atomic.write_text(tmp_path / "a.txt", "x")
+    (tmp_path / "b.txt").write_text("x")
+    d = atomic.staging_dir(tmp_path / "out")
+    (tmp_path / "c").mkdir()
+    mode = lambda p: os.stat(p).st_mode & 0o777  # noqa: E731
+    assert mode(tmp_path / "a.txt") == mode(tmp_path / "b.txt") and mode(d) == mode(tmp_path / "c")

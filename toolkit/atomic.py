@@ -77,9 +77,7 @@ def staging_dir(dest: Path) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     recover(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-{_HOST}-{os.getpid()}-", dir=dest.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; the output gets the usual permissions
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the output gets the usual permissions
     return tmp
 
 
@@ -90,7 +88,14 @@ def staging_file(dest: Path) -> Path:
     recover(dest)
     fd, name = tempfile.mkstemp(prefix=f".{dest.name}.partial-{_HOST}-{os.getpid()}-", dir=dest.parent)
     os.close(fd)
+    os.chmod(name, 0o666 & ~_umask())  # mkstemp makes 0600; the file gets what open() would have given it
     return Path(name)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def swap_in(tmp: Path, dest: Path) -> None:
