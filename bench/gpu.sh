@@ -57,7 +57,9 @@ lftk() { "$PY" -c 'from lftk.cli import main; main()' "$@"; }
 } 2>&1 | tee "$OUT/machine.txt"
 
 base="$WORK/$PRESET"
-[ -f "$base/model_index.json" ] || lftk init-base "$base" --preset "$PRESET" 2>&1 | tail -n 2
+fit=()
+[ "$PRESET" = sd15 ] || fit=(--vae-steps 0)  # random weights everywhere: timings and memory do not depend on them
+[ -f "$base/model_index.json" ] || lftk init-base "$base" --preset "$PRESET" "${fit[@]}" 2>&1 | tail -n 2
 compile=()
 [ "$COMPILE" = 1 ] && compile=(--compile)
 name="bench-${PRESET}-${RES}px-${STEPS}steps"

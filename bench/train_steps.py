@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("overrides", nargs="*", help="key=value recipe overrides")
     ap.add_argument("--base", required=True, help="model dir (e.g. from `lftk init-base DIR --preset sd15`)")
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5, help="first steps left out of samples/s")
+    ap.add_argument("--warmup", type=int, default=None, help="first steps left out of samples/s (default: 5, at most half)")
     ap.add_argument("--work", default="/tmp/lftk-train-steps")
     ap.add_argument("--json", required=True)
     args = ap.parse_args(argv)
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
 
         shutil.rmtree(work)
     fixed = [f"model.base={args.base}", f"output_dir={work / 'run'}", f"max_steps={args.steps}",
-             "train.val_every=0", "train.val_samples=0", "train.checkpoint_every=0", "train.log_every=1",
+             "train.val_every=null", "train.val_samples=0", "train.checkpoint_every=null", "train.log_every=1",
              "sampling.guidance=7.5", "sampling.image_guidance=1.5"]
     probe = load_recipe(args.recipe, [f"data.path={work / 'pairs'}", *fixed, *args.overrides])
     per_step = probe.train.batch_size * probe.train.grad_accum
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    warmup = args.warmup if args.warmup is not None else min(5, args.steps // 2)
     missing = missing_engine(recipe)
     rows, engine = run_plain(recipe, args.steps, device) if missing else run_engine(recipe)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": torch.cuda.get_device_name() if device == "cuda" else None,
         "resolution": recipe.train.resolution, "trainable": recipe.train.trainable, "optimizer": recipe.train.optimizer,
         "precision": recipe.train.precision, "batch_size": recipe.train.batch_size, "grad_accum": recipe.train.grad_accum,
-        "steps": args.steps, "samples_per_s": _steady(rows, args.warmup, per_step),
+        "steps": args.steps, "samples_per_s": _steady(rows, warmup, per_step),
         "peak_gib": round(peak, 3) if peak is not None else None, "dry_run_gib": round(est.total_gib, 3),
         "dry_run_vs_peak": round(est.total_gib / peak, 3) if peak else None,
     }

@@ -216,4 +216,5 @@ def test_gpu_script_rehearses_on_cpu_with_tiny_sizes(tmp_path):
     for recipe in ("stage2", "stage2-24gb"):
         row = json.loads((out / f"train-{recipe}.json").read_text())
         assert row["engine"] == "lftk engine (DeepSpeed)" and row["steps"] == 3 and row["dry_run_gib"] > 0, row
+        assert row["samples_per_s"] > 0, row
     assert json.loads((out / "bench-tiny-64px-1steps.json").read_text())
