@@ -219,20 +219,31 @@ def _probe(w: Writer, n: int, tmp_path: Path, capsys) -> None:
     assert_safe(w, outcomes, tmp_path / "logs")
 
 
+def _named_writer(name: str, root: Path, request) -> Writer:
+    """The writer `name`, over fixtures fetched only when it needs them (the fast tier builds no export)."""
+    fx = request.getfixturevalue
+    makers = {
+        "sim": lambda: sim_writer(root),
+        "import": lambda: import_writer(root, fx("many_pairs")),
+        "pairs": lambda: pairs_writer(root, fx("fault_episodes")),
+        "latent cache": lambda: latent_writer(root, fx("tiny_pipeline_dir"), fx("many_pairs")),
+        "checkpoint": lambda: checkpoint_writer(root, fx("tiny_pairs_dir"), fx("tiny_pipeline_dir")),
+        "eval report": lambda: eval_writer(root, fx("tiny_pipeline_dir"), fx("tiny_pairs_dir")),
+        "export": lambda: export_writer(root, fx("tiny_pipeline_dir")),
+        "export in place": lambda: reexport_writer(root, fx("tiny_export_dir")),
+        "fp16 variants": lambda: variant_writer(root, fx("tiny_export_dir"), "fp16", fx("tiny_pairs_dir")),
+        "int8 variants": lambda: variant_writer(root, fx("tiny_export_dir"), "int8", fx("tiny_pairs_dir")),
+    }
+    root.mkdir()  # the writers' own dir: the harness's logs stay out of what it watches
+    return makers[name]()
+
+
 # ------------------------------------------------------------------------------------ default tier: fast writers
 
 
 @pytest.mark.parametrize("name", ["sim", "import", "pairs", "latent cache"])
-def test_fast_writers_survive_two_kills(name, tmp_path, capsys, fault_episodes, many_pairs, tiny_pipeline_dir):
-    root = tmp_path / "w"  # the writers' own dir: the harness's logs stay out of what it watches
-    root.mkdir()
-    w = {
-        "sim": lambda: sim_writer(root),
-        "import": lambda: import_writer(root, many_pairs),
-        "pairs": lambda: pairs_writer(root, fault_episodes),
-        "latent cache": lambda: latent_writer(root, tiny_pipeline_dir, many_pairs),
-    }[name]()
-    _probe(w, 2, tmp_path, capsys)
+def test_fast_writers_survive_two_kills(name, tmp_path, capsys, request):
+    _probe(_named_writer(name, tmp_path / "w", request), 2, tmp_path, capsys)
 
 
 # ------------------------------------------------------------------------------------ slow tier: all writers, 5 kills
@@ -244,20 +255,5 @@ SLOW = ["sim", "import", "pairs", "latent cache", "checkpoint", "eval report", "
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", SLOW)
-def test_every_writer_survives_five_kills(name, tmp_path, capsys, fault_episodes, many_pairs, tiny_pipeline_dir,
-                                          tiny_pairs_dir, tiny_export_dir):
-    root = tmp_path / "w"
-    root.mkdir()
-    w = {
-        "sim": lambda: sim_writer(root),
-        "import": lambda: import_writer(root, many_pairs),
-        "pairs": lambda: pairs_writer(root, fault_episodes),
-        "latent cache": lambda: latent_writer(root, tiny_pipeline_dir, many_pairs),
-        "checkpoint": lambda: checkpoint_writer(root, tiny_pairs_dir, tiny_pipeline_dir),
-        "eval report": lambda: eval_writer(root, tiny_pipeline_dir, tiny_pairs_dir),
-        "export": lambda: export_writer(root, tiny_pipeline_dir),
-        "export in place": lambda: reexport_writer(root, tiny_export_dir),
-        "fp16 variants": lambda: variant_writer(root, tiny_export_dir, "fp16", tiny_pairs_dir),
-        "int8 variants": lambda: variant_writer(root, tiny_export_dir, "int8", tiny_pairs_dir),
-    }[name]()
-    _probe(w, 5, tmp_path, capsys)
+def test_every_writer_survives_five_kills(name, tmp_path, capsys, request):
+    _probe(_named_writer(name, tmp_path / "w", request), 5, tmp_path, capsys)

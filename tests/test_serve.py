@@ -388,24 +388,29 @@ def test_batcher_queue_limit_failures_and_draining_close():
     assert batcher.metrics.batches == 4
 
 
-def test_full_queue_answers_503_with_retry_after():
+def _serve_in_thread(batcher, resolution: int):
+    """(url, server, thread): `create_app` over `batcher` served by uvicorn in a thread, once it is up."""
     uvicorn = pytest.importorskip("uvicorn")
     from lftk.deploy.serve import _make_server, bind_socket, create_app
     from lftk.deploy.validate import Limits
 
-    runner = ScriptedRunner()
-    batcher = Batcher(runner, max_batch=1, batch_wait_ms=0, max_queue=1)
-    app = create_app(batcher, Limits(), {"resolution": runner.resolution})
+    app = create_app(batcher, Limits(), {"resolution": resolution})
     sock = bind_socket("127.0.0.1", 0)
-    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     server = _make_server(uvicorn.Config(app, log_config=None, lifespan="on"), Metrics())
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return f"http://127.0.0.1:{sock.getsockname()[1]}", server, thread
+
+
+def test_full_queue_answers_503_with_retry_after():
+    runner = ScriptedRunner()
+    batcher = Batcher(runner, max_batch=1, batch_wait_ms=0, max_queue=1)
+    url, server, thread = _serve_in_thread(batcher, runner.resolution)
     try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
         runner.gate.clear()
         png = _png(8, 8)
         with ThreadPoolExecutor(2) as pool:
@@ -430,28 +435,15 @@ def test_full_queue_answers_503_with_retry_after():
 def test_a_client_gone_mid_upload_counts_as_499_without_a_traceback(caplog):
     import socket
 
-    uvicorn = pytest.importorskip("uvicorn")
-    from lftk.deploy.serve import _make_server, bind_socket, create_app
-    from lftk.deploy.validate import Limits
-
     batcher = Batcher(ScriptedRunner(), max_batch=1, batch_wait_ms=0, max_queue=4)
-    app = create_app(batcher, Limits(), {"resolution": RES})
-    sock = bind_socket("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    server = _make_server(uvicorn.Config(app, log_config=None, lifespan="on"), Metrics())
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
+    url, server, thread = _serve_in_thread(batcher, RES)
+    port = int(url.rsplit(":", 1)[1])
     try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
         body, content_type = _multipart({"instruction": "stack"}, {"image": ("f.png", _png(8, 8))})
         with socket.create_connection(("127.0.0.1", port)) as client:  # says 10x the bytes it sends, then leaves
             client.sendall(f"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n"
                            f"Content-Length: {10 * len(body)}\r\n\r\n".encode() + body[: len(body) // 2])
             time.sleep(0.3)
-        url = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 10
         while 'lftk_requests_total{code="499"}' not in parse_samples(_get(url, "/metrics")[1]):
             assert time.monotonic() < deadline, _get(url, "/metrics")[1]
