@@ -21,6 +21,7 @@ import logging
 import platform
 from pathlib import Path
 
+from lftk import atomic
 from lftk.atomic import sha256_file
 from lftk.errors import LftkError
 
@@ -77,9 +78,7 @@ def write_manifest(export_dir: Path, manifest: dict) -> Path:
     path = Path(export_dir) / MANIFEST
     body = {"format": FORMAT, **{k: v for k, v in manifest.items() if k not in ("format", "digest")}}
     body["digest"] = manifest_digest(body)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(body, indent=2))
-    tmp.replace(path)
+    atomic.write_text(path, json.dumps(body, indent=2))
     return path
 
 

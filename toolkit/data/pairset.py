@@ -6,7 +6,6 @@ start-up, naming its dir, rather than hours into a run.
 
 from __future__ import annotations
 
-import json
 import os
 import string
 from dataclasses import dataclass, field
@@ -98,11 +97,10 @@ def _read_pair(sample: Path) -> Pair:
     missing = [n for n in (CURRENT_NAME, FUTURE_NAME, PROMPT_NAME) if not (sample / n).is_file()]
     if missing:
         raise LftkError(f"{sample}: not a pair sample, missing {', '.join(missing)}")
-    try:
-        prompt = json.loads((sample / PROMPT_NAME).read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise LftkError(f"{sample / PROMPT_NAME}: not valid JSON ({exc})") from None
-    if not isinstance(prompt, dict) or not isinstance(prompt.get("instruction"), str):
+    from lftk.jsonfile import read_object
+
+    prompt = read_object(sample / PROMPT_NAME)
+    if not isinstance(prompt.get("instruction"), str):
         raise LftkError(f"{sample / PROMPT_NAME}: expected a JSON object with an 'instruction' string")
     h = prompt.get("horizon")
     if h is not None and (isinstance(h, bool) or not isinstance(h, int) or h < 1):
