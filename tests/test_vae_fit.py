@@ -14,7 +14,7 @@ from PIL import Image
 
 from lftk.eval.trajectory import COLOUR_TOLERANCE
 from lftk.model.components import build_components, preset_spec
-from lftk.model.vae_fit import FrameRef, collect_frames, fit_vae, reconstruct
+from lftk.model.vae_fit import FrameRef, collect_frames, fit_vae, pin_posterior, reconstruct
 
 RES, BLOCK, STEPS = 32, 3, 250  # a 3 px block on a 32 px frame: 0.9% of the pixels, like a block at 64 px
 TABLE, ARM, GREEN = (165, 135, 110), 230, np.array([40, 170, 50])
@@ -116,3 +116,37 @@ def test_init_base_reports_and_records_the_fit(tmp_path, capsys):
     assert fit["steps"] == 3 and fit["frames"] == 3 and fit["scored_on"] == "held-out frames"
     assert f"reconstruction PSNR {fit['recon_psnr_db']:.2f} dB" in printed
     assert fit["objects_missing"] is None and "objects missing n/a" in printed  # no simulator states here
+
+
+def test_pinning_the_posterior_keeps_its_mean_and_drops_its_spread():
+    import torch
+
+    vae = build_components("tiny", seed=0)["vae"].eval()
+    x = torch.rand(2, 3, RES, RES) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(x).latent_dist
+        pin_posterior(vae)
+        after = vae.encode(x).latent_dist
+    assert float(before.std.min()) > 0.1  # a fresh VAE's posterior is wide: the control
+    assert torch.equal(before.mean, after.mean)
+    assert float(after.std.max()) < 1e-6 and float((after.sample() - after.mean).abs().max()) < 1e-5
+
+
+def test_init_base_writes_a_vae_whose_samples_are_its_mean(tmp_path):
+    import torch
+    from diffusers import AutoencoderKL
+
+    from lftk.cli import app
+    from lftk.model.base import read_meta
+
+    out = tmp_path / "base"
+    with pytest.raises(SystemExit) as exit_info:
+        app(["init-base", str(out), "--preset", "tiny", "--frames", str(_pair_dir(tmp_path / "pairs")), "--vae-steps", "3"],
+            standalone_mode=True)
+    assert exit_info.value.code == 0
+    fit = read_meta(out)["vae_fit"]
+    assert fit["posterior"] == "pinned to its mean" and fit["posterior_std_fitted"] > 1e-3
+    vae = AutoencoderKL.from_pretrained(out / "vae")  # stock diffusers, as training and users load it
+    with torch.no_grad():
+        post = vae.encode(torch.rand(1, 3, RES, RES) * 2 - 1).latent_dist
+    assert float(post.std.max()) < 1e-6
