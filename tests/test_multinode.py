@@ -148,6 +148,20 @@ def _log(run: Path, node: int) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
 
 
+def _until_a_complete_checkpoint(run: Path, node0: subprocess.Popen, timeout: float = 300) -> None:
+    """Wait until the run has a complete checkpoint (node 0 still running), so a fault lands mid-run."""
+    from lftk.train.checkpoint import complete_tags
+
+    deadline = time.monotonic() + timeout
+    while not (run / "checkpoints").is_dir() or not complete_tags(run / "checkpoints"):
+        assert time.monotonic() < deadline and node0.poll() is None, _log(run, 0)[-3000:]
+        time.sleep(0.1)
+
+
+def _last_line(out: str) -> str:
+    return [line for line in out.splitlines() if line.strip()][-1]
+
+
 def _flat(path: Path) -> torch.Tensor:
     sd = load_file(path)
     return torch.cat([sd[k].flatten() for k in sorted(sd)])
@@ -256,17 +270,14 @@ def test_a_lost_node_stops_node_0_with_exit_2_and_both_resume_to_the_uninterrupt
     ref_run, _ = two_node_run
     run = tmp_path / "killed"
     procs = [nodes.start(k, run, tiny_pairs_dir, tiny_pipeline_dir, 29645) for k in (0, 1)]
-    deadline = time.monotonic() + 300
-    while not (run / "checkpoints").is_dir() or not complete_tags(run / "checkpoints"):
-        assert time.monotonic() < deadline and procs[0].poll() is None, _log(run, 0)[-3000:]
-        time.sleep(0.1)
+    _until_a_complete_checkpoint(run, procs[0])
     nodes.kill(1)  # node 1 is gone, mid-run: every process in its namespace (torchrun's ranks run in their own sessions)
     killed = time.monotonic()
     (code0,) = _wait(procs[:1], TIMEOUT_S + 60)
     took = time.monotonic() - killed
     procs[1].wait()
     out = _log(run, 0)
-    last = [line for line in out.splitlines() if line.strip()][-1]
+    last = _last_line(out)
     _report(f"node 1 SIGKILLed: node 0 exited {code0} after", took)
     assert code0 == 2, out[-3000:]
     assert took <= TIMEOUT_S + 60
@@ -285,14 +296,9 @@ def test_a_lost_node_stops_node_0_with_exit_2_and_both_resume_to_the_uninterrupt
 
 
 def test_a_hung_node_stops_node_0_after_the_configured_timeout(nodes, tiny_pairs_dir, tiny_pipeline_dir, tmp_path):
-    from lftk.train.checkpoint import complete_tags
-
     run = tmp_path / "hung"
     procs = [nodes.start(k, run, tiny_pairs_dir, tiny_pipeline_dir, 29649) for k in (0, 1)]
-    deadline = time.monotonic() + 300
-    while not (run / "checkpoints").is_dir() or not complete_tags(run / "checkpoints"):
-        assert time.monotonic() < deadline and procs[0].poll() is None, _log(run, 0)[-3000:]
-        time.sleep(0.1)
+    _until_a_complete_checkpoint(run, procs[0])
     nodes.kill(1, signal.SIGSTOP)  # node 1 hangs: alive, connected, silent
     stopped = time.monotonic()
     try:
@@ -302,7 +308,7 @@ def test_a_hung_node_stops_node_0_after_the_configured_timeout(nodes, tiny_pairs
         nodes.kill(1)
         procs[1].wait()
     out = _log(run, 0)
-    last = [line for line in out.splitlines() if line.strip()][-1]
+    last = _last_line(out)
     _report(f"node 1 SIGSTOPped (train.dist_timeout_s={TIMEOUT_S}): node 0 exited {code0} after", took)
     assert code0 == 2, out[-3000:]
     assert took <= TIMEOUT_S + 60
