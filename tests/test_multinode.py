@@ -158,8 +158,13 @@ def _until_a_complete_checkpoint(run: Path, node0: subprocess.Popen, timeout: fl
         time.sleep(0.1)
 
 
-def _last_line(out: str) -> str:
-    return [line for line in out.splitlines() if line.strip()][-1]
+def _assert_node0_stopped_cleanly(run: Path, code0: int, took: float) -> None:
+    """Node 0 ended with exit 2 within the timeout + 60 s, its last line naming the lost peer and --resume."""
+    out = _log(run, 0)
+    last = [line for line in out.splitlines() if line.strip()][-1]
+    assert code0 == 2, out[-3000:]
+    assert took <= TIMEOUT_S + 60
+    assert last.startswith("error: rank 0") and "lost contact" in last and "--resume" in last, last
 
 
 def _flat(path: Path) -> torch.Tensor:
@@ -276,12 +281,8 @@ def test_a_lost_node_stops_node_0_with_exit_2_and_both_resume_to_the_uninterrupt
     (code0,) = _wait(procs[:1], TIMEOUT_S + 60)
     took = time.monotonic() - killed
     procs[1].wait()
-    out = _log(run, 0)
-    last = _last_line(out)
     _report(f"node 1 SIGKILLed: node 0 exited {code0} after", took)
-    assert code0 == 2, out[-3000:]
-    assert took <= TIMEOUT_S + 60
-    assert last.startswith("error: rank 0") and "lost contact" in last and "--resume" in last, last
+    _assert_node0_stopped_cleanly(run, code0, took)
     tags = complete_tags(run / "checkpoints")
     assert tags and verify(run / "checkpoints" / tags[-1]) is None, "the last complete checkpoint is damaged"
     assert not (run / "final").exists()
@@ -307,9 +308,5 @@ def test_a_hung_node_stops_node_0_after_the_configured_timeout(nodes, tiny_pairs
     finally:
         nodes.kill(1)
         procs[1].wait()
-    out = _log(run, 0)
-    last = _last_line(out)
     _report(f"node 1 SIGSTOPped (train.dist_timeout_s={TIMEOUT_S}): node 0 exited {code0} after", took)
-    assert code0 == 2, out[-3000:]
-    assert took <= TIMEOUT_S + 60
-    assert last.startswith("error: rank 0") and "lost contact" in last and "--resume" in last, last
+    _assert_node0_stopped_cleanly(run, code0, took)
