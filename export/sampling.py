@@ -49,8 +49,14 @@ def make_scheduler(config, kind: str = "euler_a"):
 
     if kind not in SCHEDULERS:
         raise LftkError(f"unknown scheduler '{kind}': choose one of {', '.join(SCHEDULERS)}")
+    config = dict(config)
     extra = {"algorithm_type": "dpmsolver++", "solver_order": 2} if kind == "dpmpp" else {}
-    return getattr(diffusers, SCHEDULERS[kind]).from_config({**dict(config), **extra})
+    if kind == "ddim" and "clip_sample" not in config:
+        # DDIM's own default clips each step's x0 estimate to [-1, 1]: right for pixels, wrong for latents
+        # (their std is ~1: clipping flattens them). Stable Diffusion's DDIM config says false; configs
+        # of other schedulers do not say.
+        extra["clip_sample"] = False
+    return getattr(diffusers, SCHEDULERS[kind]).from_config({**config, **extra})
 
 
 def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
