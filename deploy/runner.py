@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from lftk.errors import LftkError
+from lftk.runtime.keep import keep_unchanged
 from lftk.runtime.params import SamplingParams
 from lftk.export.contract import MAX_FRAMES, TextEncoderContract
 from lftk.export.sampling import IP2PSampler, images_to_model, make_scheduler, model_to_unit, unit_to_uint8
@@ -174,8 +175,14 @@ class Runner:
         image_guidance: float | None = None,
         seed: int | Sequence[int] = 0,
         horizon: int | None | Sequence[int | None] = None,
+        *,
+        keep: float | None = None,
     ) -> np.ndarray:
         """(B, H, W, 3) uint8 current frames -> (B, H, W, 3) uint8 future frames, one UNet call per step.
+
+        `keep` (None: the model's, `self.sampling.keep`): where the decoded prediction differs from the
+        current frame as the VAE redraws it by less than this, the current frame's own pixels
+        (`lftk.runtime.keep`; one more VAE encode and decode per frame); 0 = off.
 
         More than `max_batch` frames go through in chunks of `max_batch` (the export's batch profile and
         the memory limit); then each frame gets its own generator (seed + its index when one seed is
@@ -190,11 +197,15 @@ class Runner:
             for lo in range(0, batch, self.max_batch):
                 sl = slice(lo, lo + self.max_batch)
                 chunks.append(self.predict(images[sl], per["instruction"][sl], steps, guidance, image_guidance,
-                                           per["seed"][sl], per["horizon"][sl]))
+                                           per["seed"][sl], per["horizon"][sl], keep=keep))
             return np.concatenate(chunks)
         latents = self.denoise(images, instruction, steps, guidance, image_guidance, seed, horizon)
+        threshold = self.sampling.keep if keep is None else keep
         with torch.inference_mode():
             out = unit_to_uint8(model_to_unit(self.sampler.decode(latents)))
+            if threshold > 0:
+                redrawn = unit_to_uint8(model_to_unit(self.backend.decode(self.backend.encode_image(images_to_model(images)))))
+                out = keep_unchanged(out, redrawn, images, threshold)
         return self.postprocess(out, np.asarray(images)) if self.postprocess else out
 
     def rollout(

@@ -17,7 +17,7 @@ from lftk.deploy.runner import Runner
 from lftk.export.parity import parity_image
 from lftk.model.base import read_meta, write_meta
 from lftk.runtime.params import SamplingParams
-from lftk.train.tune import pick
+from lftk.train.tune import pick, within_margin
 
 RECORDED = {"steps": 2, "guidance": 2.5, "image_guidance": 4.0, "tuned_on": "test"}
 
@@ -75,7 +75,7 @@ def test_eval_uses_the_recorded_defaults_and_says_so(tiny_pipeline_dir, tiny_pai
     assert (s["steps"], s["guidance"], s["image_guidance"]) == (2, 2.5, 4.0)
     assert "lftk_model.json" in s["sampling_from"] and "tuned on test" in s["sampling_from"]
     report = evaluate(model, tiny_pairs_dir, tmp_path / "eval2", baselines=["copy"], steps=1, guidance=1.0,
-                      image_guidance=1.0)
+                      image_guidance=1.0, keep=0.0)
     assert (report["settings"]["steps"], report["settings"]["guidance"]) == (1, 1.0)
     assert report["settings"]["sampling_from"] == "given"
 
@@ -89,6 +89,21 @@ def test_pick_takes_the_best_mean_rank_not_one_figure():
     assert pick(rows)["guidance"] == 3.0  # the best PSNR alone would have taken 7.5
 
 
+def test_objects_margin_passes_over_candidates_that_erase_what_copy_keeps(caplog):
+    rows = [
+        {"guidance": 3.0, "image_guidance": 1.5, "keep": 0, "val_psnr": 21.0, "val_motion_psnr": 15.5,
+         "val_ee_err_px": 5.0, "val_obj_missing": 0.50, "val_copy_obj_missing": 0.15},
+        {"guidance": 3.0, "image_guidance": 1.5, "keep": 64, "val_psnr": 20.2, "val_motion_psnr": 14.8,
+         "val_ee_err_px": 6.8, "val_obj_missing": 0.24, "val_copy_obj_missing": 0.15},
+    ]
+    assert pick(rows)["keep"] == 0  # unbounded, the better frame figures win 3 of 4
+    assert pick(within_margin(rows, 0.10))["keep"] == 64
+    assert within_margin(rows, None) == rows
+    with caplog.at_level("WARNING"):
+        assert within_margin(rows, 0.05) == [rows[1]]  # none within: the fewest missing, said so
+    assert "no candidate misses at most 0.05 more objects" in caplog.text
+
+
 def test_training_tunes_guidance_on_val_and_records_it(tiny_pipeline_dir, tiny_pairs_dir, tmp_path, monkeypatch):
     from lftk.cli import main
 
@@ -97,17 +112,25 @@ def test_training_tunes_guidance_on_val_and_records_it(tiny_pipeline_dir, tiny_p
         "lftk", "train", "recipes/demo.yaml", f"output_dir={run}", f"data.path={tiny_pairs_dir}",
         f"model.base={tiny_pipeline_dir}", "max_steps=2", "train.batch_size=2", "train.val_samples=0",
         "sampling.steps=2", "sampling.guidance=[1.5,3.0]", "sampling.image_guidance=2.0", "sampling.tune_samples=2",
+        "sampling.keep=[0,40]",
     ])
+    from lftk.eval.methods import PipelinePredictor
+
+    calls = []
+    real = PipelinePredictor.__call__
+    monkeypatch.setattr(PipelinePredictor, "__call__", lambda self, items: calls.append(len(items)) or real(self, items))
     with pytest.raises(SystemExit) as info:
         main()
     assert info.value.code in (0, None)
     tune = json.loads((run / "sampling_tune.json").read_text())
-    assert [(r["guidance"], r["image_guidance"]) for r in tune["results"]] == [(1.5, 2.0), (3.0, 2.0)]
+    assert [(r["guidance"], r["image_guidance"], r["keep"]) for r in tune["results"]] == [
+        (1.5, 2.0, 0), (1.5, 2.0, 40), (3.0, 2.0, 0), (3.0, 2.0, 40)]
+    assert calls == [2, 2]  # one sampling of the 2 val pairs per pair of scales: keep thresholds reuse it
     assert all(r["val_n"] == 2 for r in tune["results"])
     recorded = read_meta(run / "final")["sampling"]
-    assert (recorded["guidance"], recorded["image_guidance"], recorded["steps"]) == (
-        tune["best"]["guidance"], 2.0, 2)
-    assert recorded["tuned_on"].startswith("2 val pairs, 2 candidates")
+    assert (recorded["guidance"], recorded["image_guidance"], recorded["keep"], recorded["steps"]) == (
+        tune["best"]["guidance"], 2.0, tune["best"]["keep"], 2)
+    assert recorded["tuned_on"].startswith("2 val pairs, 4 candidates")
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])

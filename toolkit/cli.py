@@ -256,6 +256,10 @@ def eval_cmd(
     steps: Optional[int] = typer.Option(None, min=1, help=f"Denoising steps (default: the model's, else {_SP.steps})."),
     guidance: Optional[float] = typer.Option(None, min=0.0, help=f"Text guidance scale (default: the model's, else {_SP.guidance})."),
     image_guidance: Optional[float] = typer.Option(None, min=0.0, help=f"Image guidance scale (default: the model's, else {_SP.image_guidance})."),
+    keep: Optional[float] = typer.Option(
+        None, min=0.0, max=255.0,
+        help="Keep the current frame's pixels where the prediction changes less than this (0-255; 0 = off; default: the model's).",
+    ),
     split: str = typer.Option("test", help="Split to evaluate."),
     max_samples: Optional[int] = typer.Option(None, min=1, help="Evaluate at most this many pairs (spread over the split)."),
     rollout_steps: int = typer.Option(2, min=2, help="Rollout baseline: steps of the model fed its own outputs."),
@@ -291,7 +295,7 @@ def eval_cmd(
     names = tuple(b.strip() for b in baselines.split(",") if b.strip())
     report = evaluate(
         model, data, out, split=split, steps=steps, guidance=guidance, image_guidance=image_guidance, seed=seed,
-        max_samples=max_samples, baselines=names,
+        max_samples=max_samples, baselines=names, keep=keep,
         batch_size=batch_size, rollout_steps=rollout_steps, rollout_samples=rollout_samples,
         postprocess=parse_steps(postprocess),
     )
@@ -351,6 +355,10 @@ def infer_cmd(
     seed: int = typer.Option(0, help="Same seed, same frames (on the same backend)."),
     guidance: Optional[float] = typer.Option(None, min=0.0, help=f"Text guidance scale (default: the model's, else {_SP.guidance})."),
     image_guidance: Optional[float] = typer.Option(None, min=0.0, help=f"Image guidance scale (default: the model's, else {_SP.image_guidance})."),
+    keep: Optional[float] = typer.Option(
+        None, min=0.0, max=255.0,
+        help="Keep the current frame's pixels where the prediction changes less than this (0-255; 0 = off; default: the model's).",
+    ),
     scheduler: str = typer.Option("euler_a", help="euler_a (InstructPix2Pix's) | ddim | dpmpp (DPM-Solver++)."),
     postprocess: Optional[str] = typer.Option(None, help="color, sharpen or color,sharpen (off by default; README: Post-processing)."),
     episode: Optional[Path] = typer.Option(None, help="Episode dir: start from its frame and write its true frames beside the predictions."),
@@ -375,7 +383,7 @@ def infer_cmd(
         model, image, instruction, backend=backend, frames=frames, mode=mode, steps=steps, seed=seed, out=out,
         guidance=guidance, image_guidance=image_guidance, scheduler=scheduler, precision=precision,
         horizons=_int_list(horizon, "--horizon"), postprocess=postprocess, episode=episode, start_frame=start_frame,
-        mp4=mp4, compile=compile,
+        mp4=mp4, compile=compile, keep=keep,
     )
     _done(f"{summary['frames']} frame(s) in {summary['total_seconds']:.2f} s -> {out} (gif: {out / 'rollout.gif'})")
 

@@ -248,7 +248,7 @@ class TrainConfig(Strict):
 
 class SamplingConfig(Strict):
     """The sampling defaults the trained model records in final/lftk_model.json (eval, infer and serve
-    use them unless told otherwise). Lists of scales are candidates: each (text, image) pair is scored
+    use them unless told otherwise). Lists are candidates: each (text, image, keep) combination is scored
     on the val split after training and the best is recorded (lftk.train.tune)."""
 
     steps: int = Field(SamplingParams.steps, ge=1, description="Denoising steps per frame.")
@@ -259,9 +259,29 @@ class SamplingConfig(Strict):
         [SamplingParams.image_guidance], min_length=1,
         description="Image guidance scale, or candidates to choose from on the val split.",
     )
+    keep: list[float] = Field(
+        [SamplingParams.keep], min_length=1,
+        description="Keep the current frame's own pixels where the predicted frame differs from the current frame "
+        "redrawn by the VAE by less than this (mean over RGB, 0-255; 0 = off), or candidates to choose from on the "
+        "val split (scored on the same samples: no extra sampling).",
+    )
     tune_samples: int = Field(24, ge=1, description="Val pairs each candidate is scored on (more = a surer choice, slower).")
+    objects_margin: Optional[float] = Field(
+        None, ge=0,
+        description="Pass over candidates whose objects missing on the val pairs exceed copying the current frame's by "
+        "more than this (a share, 0-1; null = no bound): a prediction should not erase what doing nothing keeps. "
+        "If no candidate is within it, the one with the fewest objects missing is chosen, with a WARNING.",
+    )
 
-    @field_validator("guidance", "image_guidance", mode="before")
+    @field_validator("keep")
+    @classmethod
+    def _keep_range(cls, v: list[float]) -> list[float]:
+        bad = [k for k in v if not 0 <= k <= 255]
+        if bad:
+            raise ValueError(f"keep thresholds are 0-255 (uint8 levels), got {bad}")
+        return v
+
+    @field_validator("guidance", "image_guidance", "keep", mode="before")
     @classmethod
     def _one_is_a_list(cls, v):
         return [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else v

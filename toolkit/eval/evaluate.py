@@ -140,6 +140,7 @@ def _setup(model: str | Path, device: str, baselines: Sequence[str], sampling: d
         steps=params.steps,
         guidance=params.guidance,
         image_guidance=params.image_guidance,
+        keep=params.keep,
         **knobs,
     )
     template_fields(settings.prompt_template)  # a broken template fails here, not mid-run
@@ -243,6 +244,7 @@ def evaluate(
     seed: int = 0,
     max_samples: int | None = None,
     baselines: Sequence[str] = DEFAULT_BASELINES,
+    keep: float | None = None,
     batch_size: int = 4,
     device: str = "cpu",
     rollout_steps: int = 2,
@@ -253,8 +255,8 @@ def evaluate(
 
     `max_samples` takes that many samples spread evenly over the split (so every task is seen),
     not the first ones. A baseline or metric that cannot be had here is listed in the report's
-    "unavailable" with the reason; the rest of the evaluation goes on. `steps`, `guidance` and
-    `image_guidance` left None are the model's own (lftk_model.json "sampling"), else SamplingParams'.
+    "unavailable" with the reason; the rest of the evaluation goes on. `steps`, `guidance`,
+    `image_guidance` and `keep` left None are the model's own (lftk_model.json "sampling"), else SamplingParams'.
     """
     from lftk.eval.figures import write_figures
     from lftk.eval.report import build_sections, write_report
@@ -270,7 +272,7 @@ def evaluate(
     picks = [pairs[i] for i in spread_indices(len(pairs), max_samples)]
 
     t0 = time.perf_counter()
-    given = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance}
+    given = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance, "keep": keep}
     ref, meta, settings, methods, unavailable, lpips = _setup(
         model, device, names, given, seed=seed, batch_size=batch_size,
     )
@@ -321,6 +323,7 @@ def evaluate(
             "steps": settings.steps,
             "guidance": settings.guidance,
             "image_guidance": settings.image_guidance,
+            "keep": settings.keep,
             "sampling_from": _sampling_source(given, meta),
             "seed": seed,
             "max_samples": max_samples,

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -37,6 +37,7 @@ class EvalSettings:
     seed: int
     batch_size: int
     device: str
+    keep: float = 0.0  # lftk.runtime.keep's threshold; 0 = the model's frames as they are
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 class PipelinePredictor:
-    """The stock StableDiffusionInstructPix2PixPipeline, one call per batch."""
+    """The stock StableDiffusionInstructPix2PixPipeline, one call per batch; with `keep`, the current
+    frame's pixels where the prediction changes less than that (`lftk.runtime.keep`), as the runner does."""
 
     def __init__(self, pipe, settings: EvalSettings):
         self.pipe = pipe
@@ -102,7 +104,24 @@ class PipelinePredictor:
         preds = to_uint8(np.asarray(out.images))  # (B, R, R, 3)
         if preds.shape[1:3] != items[0].current.shape[:2]:
             raise RuntimeError(f"pipeline returned {preds.shape[1:3]} frames for {items[0].current.shape[:2]} inputs")
+        if self.s.keep > 0:
+            from lftk.runtime.keep import keep_unchanged
+
+            current = np.stack([it.current for it in items])
+            preds = keep_unchanged(preds, redraw(self.pipe, current), current, self.s.keep)
         return list(preds)
+
+
+def redraw(pipe, frames: np.ndarray) -> np.ndarray:
+    """(B, R, R, 3) uint8 frames as the pipeline's VAE redraws them (decode of the encoder's mode)."""
+    import torch
+    from PIL import Image
+
+    with torch.inference_mode():
+        vae = pipe.vae
+        pixels = pipe.image_processor.preprocess([Image.fromarray(f, "RGB") for f in frames]).to(vae.device, vae.dtype)
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mode(), return_dict=False)[0]
+        return to_uint8(pipe.image_processor.postprocess(decoded, output_type="np"))
 
 
 def copy_predictor(items: Sequence[EvalItem]) -> list[np.ndarray]:
@@ -196,5 +215,5 @@ def make_baselines(
                 log.warning("zero-shot baseline unavailable: %s", why)
                 unavailable[name] = why
             else:
-                predictors[name] = PipelinePredictor(pipe, settings)
+                predictors[name] = PipelinePredictor(pipe, replace(settings, keep=0.0))  # keep is tuned per model
     return predictors, unavailable

@@ -153,6 +153,10 @@ def _rollout(report: dict) -> list[str]:
     return out + [""]
 
 
+def _keep_text(keep: float | None) -> str:
+    return f", keep {keep:g} (the current frame's pixels where the model's frame changes less)" if keep else ""
+
+
 def render_markdown(report: dict) -> str:
     methods, s = report["methods"], report["settings"]
     out = [
@@ -160,7 +164,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"{report['n_samples']} samples from {report['n_episodes']} episodes of split `{report['split']}` in "
         f"`{report['data']}`, at {s['resolution']} px; {s['steps']} steps, guidance {s['guidance']}, "
-        f"image guidance {s['image_guidance']} ({s.get('sampling_from', 'given')}), seed {s['seed']}.",
+        f"image guidance {s['image_guidance']}{_keep_text(s.get('keep'))} ({s.get('sampling_from', 'given')}), seed {s['seed']}.",
         f"Mean [95% interval]: bootstrap over episodes ({report['bootstrap']['resamples']} resamples); "
         "n/a where a metric does not apply; with few episodes the intervals are coarse.",
         "",

@@ -19,7 +19,7 @@ import numpy as np
 
 from lftk.data.inspect import spread_indices
 from lftk.data.pairset import Pair
-from lftk.eval.methods import MODEL_METHOD, EvalSettings, PipelinePredictor, copy_predictor
+from lftk.eval.methods import EvalSettings, PipelinePredictor, copy_predictor
 from lftk.runtime.params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ def val_metrics(
     seed: int = 0,
     batch_size: int = 4,
     with_copy: bool = False,
+    keep: float = SamplingParams.keep,
 ) -> dict[str, float]:
     """{"val_ssim": mean, "val_psnr": ..., "val_motion_psnr": ..., "val_obj_err_px": ..., "val_n": n}
     over a fixed subset of `pairs`; metrics that are n/a on every sample are left out. With
@@ -48,16 +49,49 @@ def val_metrics(
 
     The UNet is put in eval mode for the call and given back in the mode it was in.
     """
+    return val_metrics_by_keep(pipe, pairs, resolution, prompt_template, max_samples, steps, guidance, image_guidance,
+                               seed, batch_size, with_copy, keeps=(keep,))[0]
+
+
+def val_metrics_by_keep(
+    pipe,
+    pairs: Sequence[Pair],
+    resolution: int,
+    prompt_template: str,
+    max_samples: int,
+    steps: int,
+    guidance: float,
+    image_guidance: float,
+    seed: int,
+    batch_size: int = 4,
+    with_copy: bool = False,
+    keeps: Sequence[float] = (SamplingParams.keep,),
+) -> list[dict[str, float]]:
+    """`val_metrics`' figures for each `keep` threshold, in order, from one sampling of the subset
+    (the threshold only chooses, per pixel, between the model's frame and the current one)."""
     import torch
 
-    from lftk.eval.evaluate import score
+    from lftk.eval.evaluate import _Memo, score
+    from lftk.eval.methods import redraw
+    from lftk.runtime.keep import keep_unchanged
 
     if not len(pairs):
-        return {}
+        return [{} for _ in keeps]
     picks = [pairs[i] for i in spread_indices(len(pairs), max_samples)]
     device = str(getattr(pipe, "device", "cpu"))
     settings = EvalSettings(resolution, prompt_template, steps, guidance, image_guidance, seed, batch_size, device)
-    methods = {MODEL_METHOD: PipelinePredictor(pipe, settings)}
+    raw = _Memo(PipelinePredictor(pipe, settings))
+    redrawn = _Memo(lambda items: list(redraw(pipe, np.stack([it.current for it in items]))))
+
+    def kept(threshold: float):
+        def predict(items):
+            current = np.stack([it.current for it in items])
+            return list(keep_unchanged(np.stack(raw(items)), np.stack(redrawn(items)), current, threshold))
+
+        return predict if threshold > 0 else raw
+
+    names = [f"keep{i}" for i in range(len(keeps))]
+    methods = {name: kept(k) for name, k in zip(names, keeps)}
     if with_copy:
         methods["copy"] = copy_predictor
     unet = pipe.unet
@@ -68,14 +102,16 @@ def val_metrics(
             rows, _ = score(picks, methods, settings, quiet=True)
     finally:
         unet.train(was_training)
+    copy = _figures(rows, "copy", VAL_PREFIX + "copy_") if with_copy else {}
+    return [{**_figures(rows, name, VAL_PREFIX), **copy, VAL_PREFIX + "n": len(rows)} for name in names]
+
+
+def _figures(rows: list[dict], method: str, prefix: str) -> dict[str, float]:
     out: dict[str, float] = {}
-    for method in methods:
-        prefix = VAL_PREFIX + ("" if method == MODEL_METHOD else f"{method}_")
-        for key in VAL_KEYS:
-            values = [r["metrics"][method][key] for r in rows if r["metrics"][method][key] is not None]
-            if values:
-                out[prefix + key] = round(float(np.mean(values)), 6)
-    out[VAL_PREFIX + "n"] = len(rows)
+    for key in VAL_KEYS:
+        values = [r["metrics"][method][key] for r in rows if r["metrics"][method][key] is not None]
+        if values:
+            out[prefix + key] = round(float(np.mean(values)), 6)
     return out
 
 

@@ -2,12 +2,16 @@
 
 Guidance scales matter as much as training for a small model: on the CPU demo, text/image guidance
 7.5/1.5 (InstructPix2Pix's defaults, tuned for photographs) scored below 3.0/3.0 on every metric.
-The recipe's `sampling` section lists candidate scales; after training, each (text, image) pair is
-scored with `lftk eval`'s code on a fixed subset of the val split (never the test split), and the
-best one goes into final/lftk_model.json, which eval, infer and serve read.
+The recipe's `sampling` section lists candidate scales and `keep` thresholds (lftk.runtime.keep);
+after training, each (text, image, keep) combination is scored with `lftk eval`'s code on a fixed
+subset of the val split (never the test split), and the best one goes into final/lftk_model.json,
+which eval, infer and serve read. The keep thresholds of one pair of scales are scored on the same
+samples: they add no sampling.
 
 Best = lowest mean rank over the four headline metrics (PSNR, PSNR where the scene moves, hand
 error, objects missing), ties to the higher PSNR in motion: no single figure can buy the choice.
+With `sampling.objects_margin`, candidates that miss more objects than copying the frame by more
+than the margin are passed over first: a prediction should not erase what doing nothing keeps.
 """
 
 from __future__ import annotations
@@ -28,6 +32,30 @@ TUNE_FILE = "sampling_tune.json"  # in the run dir: every candidate's figures
 
 def candidates(guidance: Sequence[float], image_guidance: Sequence[float]) -> list[tuple[float, float]]:
     return list(itertools.product(guidance, image_guidance))
+
+
+def within_margin(results: list[dict], margin: float | None) -> list[dict]:
+    """The results whose objects missing exceed the copy baseline's ("val_copy_obj_missing") by at most
+    `margin`; all of them when `margin` is None or a figure is n/a; if none is within it, the one
+    that misses the fewest objects."""
+    if margin is None:
+        return results
+
+    def excess(r: dict) -> float | None:
+        model, copy = r.get("val_obj_missing"), r.get("val_copy_obj_missing")
+        return None if model is None or copy is None else model - copy
+
+    if any(excess(r) is None for r in results):
+        log.warning("sampling.objects_margin: objects missing is n/a on these val pairs; the bound is not applied")
+        return results
+    kept = [r for r in results if excess(r) <= margin + 1e-9]
+    if kept:
+        return kept
+    fewest = min(results, key=excess)
+    log.warning("sampling tune: no candidate misses at most %.2f more objects than copying the frame; the closest "
+                "misses %.2f more (guidance %.2f / image %.2f / keep %g)", margin, excess(fewest),
+                fewest["guidance"], fewest["image_guidance"], fewest.get("keep", 0))
+    return [fewest]
 
 
 def pick(results: list[dict]) -> dict:
@@ -52,33 +80,35 @@ def _sort_key(value: float | None, higher: bool) -> float:
 
 def untuned(cfg, why: str) -> dict:
     """The recipe's first candidates, recorded as they are, with the reason nothing was measured."""
-    params = SamplingParams(cfg.steps, cfg.guidance[0], cfg.image_guidance[0])
-    if len(candidates(cfg.guidance, cfg.image_guidance)) > 1:
+    params = SamplingParams(cfg.steps, cfg.guidance[0], cfg.image_guidance[0], cfg.keep[0])
+    if len(candidates(cfg.guidance, cfg.image_guidance)) * len(cfg.keep) > 1:
         log.warning("sampling defaults not tuned (%s): recording the first candidates %s", why, params)
     return {**params.to_dict(), "tuned_on": None, "why": why}
 
 
 def tune_sampling(pipe, val_pairs, resolution: int, template: str, cfg, seed: int, run_root: Path) -> dict:
-    """{"steps", "guidance", "image_guidance", "tuned_on"} for lftk_model.json's "sampling"."""
-    from lftk.eval.val import val_metrics
+    """{"steps", "guidance", "image_guidance", "keep", "tuned_on"} for lftk_model.json's "sampling"."""
+    from lftk.eval.val import val_metrics_by_keep
 
     grid = candidates(cfg.guidance, cfg.image_guidance)
-    if len(grid) == 1:
+    n_candidates = len(grid) * len(cfg.keep)
+    if n_candidates == 1:
         return untuned(cfg, "one candidate in the recipe")
     if not val_pairs:
         return untuned(cfg, "no val split to tune on")
     results = []
-    for g, ig in grid:
-        figures = val_metrics(pipe, val_pairs, resolution, template, max_samples=cfg.tune_samples, steps=cfg.steps,
-                              guidance=g, image_guidance=ig, seed=seed)
-        results.append({"guidance": g, "image_guidance": ig, **figures})
-        log.info("sampling tune: guidance %.2f / image %.2f: %s", g, ig,
-                 ", ".join(f"{k} {figures.get('val_' + k, float('nan')):.3f}" for k, _ in RANKED))
-    best = pick(results)
+    for g, ig in grid:  # one sampling per pair of scales; every keep threshold is scored on its frames
+        by_keep = val_metrics_by_keep(pipe, val_pairs, resolution, template, cfg.tune_samples, cfg.steps, g, ig, seed,
+                                      with_copy=cfg.objects_margin is not None, keeps=cfg.keep)
+        for keep, figures in zip(cfg.keep, by_keep):
+            results.append({"guidance": g, "image_guidance": ig, "keep": keep, **figures})
+            log.info("sampling tune: guidance %.2f / image %.2f / keep %g: %s", g, ig, keep,
+                     ", ".join(f"{k} {figures.get('val_' + k, float('nan')):.3f}" for k, _ in RANKED))
+    best = pick(within_margin(results, cfg.objects_margin))
     n = best.get("val_n", 0)
-    (Path(run_root) / TUNE_FILE).write_text(json.dumps({"steps": cfg.steps, "samples": n, "results": results,
-                                                        "best": best}, indent=2))
-    log.info("sampling defaults: guidance %.2f / image %.2f (best of %d on %d val pairs; %s)",
-             best["guidance"], best["image_guidance"], len(grid), n, TUNE_FILE)
-    params = SamplingParams(cfg.steps, best["guidance"], best["image_guidance"])
-    return {**params.to_dict(), "tuned_on": f"{n} val pairs, {len(grid)} candidates ({TUNE_FILE})"}
+    (Path(run_root) / TUNE_FILE).write_text(json.dumps({"steps": cfg.steps, "samples": n, "objects_margin": cfg.objects_margin,
+                                                        "results": results, "best": best}, indent=2))
+    log.info("sampling defaults: guidance %.2f / image %.2f / keep %g (best of %d on %d val pairs; %s)",
+             best["guidance"], best["image_guidance"], best["keep"], n_candidates, n, TUNE_FILE)
+    params = SamplingParams(cfg.steps, best["guidance"], best["image_guidance"], best["keep"])
+    return {**params.to_dict(), "tuned_on": f"{n} val pairs, {n_candidates} candidates ({TUNE_FILE})"}
