@@ -79,3 +79,13 @@ def test_ddim_does_not_clip_latents_unless_the_config_says_so():
     config = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
     assert make_scheduler(config, "ddim").config.clip_sample is False  # latents' std is ~1: [-1, 1] flattens them
     assert make_scheduler({**config, "clip_sample": True}, "ddim").config.clip_sample is True
+
+
+def test_eval_reports_the_keep_it_used(tiny_pipeline_dir, tiny_pairs_dir, tmp_path):
+    from lftk.eval.evaluate import evaluate
+
+    report = evaluate(tiny_pipeline_dir, tiny_pairs_dir, tmp_path / "eval", baselines=["copy"], steps=1, keep=40.0,
+                      max_samples=2)
+    assert report["settings"]["keep"] == 40.0
+    text = (tmp_path / "eval" / "report.md").read_text()
+    assert "image guidance 1.5, keep 40 (" in text and "- Keep 40: the model's frames take" in text

@@ -154,7 +154,7 @@ def _rollout(report: dict) -> list[str]:
 
 
 def _keep_text(keep: float | None) -> str:
-    return f", keep {keep:g} (the current frame's pixels where the model's frame changes less)" if keep else ""
+    return f", keep {keep:g}" if keep else ""
 
 
 def render_markdown(report: dict) -> str:
@@ -191,6 +191,9 @@ def render_markdown(report: dict) -> str:
             f"(max over RGB), dilated by {s['motion_dilation_px']} px; the same pixels for every method.",
             "- Positions: objects by their colour (episode.json), hands by matching the true frame's patch; "
             "pixels at the evaluated resolution. Real data without simulator states: n/a."]
+    if s.get("keep"):
+        out.append(f"- Keep {s['keep']:g}: the model's frames take the current frame's own pixels wherever they differ from "
+                   f"the current frame as the VAE redraws it by less than {s['keep']:g} levels (mean over RGB, 3x3 box).")
     if report.get("figures"):
         out.append("- Figures: " + ", ".join(f"`{f}`" for f in report["figures"]) + ".")
     return "\n".join(out) + "\n"
