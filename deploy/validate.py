@@ -71,6 +71,7 @@ class Params:
     guidance: float | None = None
     image_guidance: float | None = None
     horizon: int | None = None  # frames ahead per step (a horizon-conditioned model); None: the model's
+    keep: float | None = None  # not a request field: the model's own (lftk.runtime.keep), stated in the answer
 
 
 def parse_params(items: Iterable[tuple[str, str]], limits: Limits) -> Params:
