@@ -142,6 +142,7 @@ class Runner:
         image_guidance: float | None = None,
         seed: int | Sequence[int] = 0,
         horizon: int | None | Sequence[int | None] = None,
+        image_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, 4, h, w) denoised latents, before decoding (scaled like SD's).
 
@@ -163,7 +164,8 @@ class Runner:
             generator = torch.Generator().manual_seed(int(seed))
         with torch.inference_mode():
             return self.sampler.denoise(
-                images_to_model(images), self._prompt_embeds(prompts), steps, guidance, image_guidance, generator
+                images_to_model(images), self._prompt_embeds(prompts), steps, guidance, image_guidance, generator,
+                image_latents=image_latents,
             )
 
     def predict(
@@ -182,7 +184,7 @@ class Runner:
 
         `keep` (None: the model's, `self.sampling.keep`): where the decoded prediction differs from the
         current frame as the VAE redraws it by less than this, the current frame's own pixels
-        (`lftk.runtime.keep`; one more VAE encode and decode per frame); 0 = off.
+        (`lftk.runtime.keep`; one more VAE decode per frame); 0 = off.
 
         More than `max_batch` frames go through in chunks of `max_batch` (the export's batch profile and
         the memory limit); then each frame gets its own generator (seed + its index when one seed is
@@ -199,12 +201,16 @@ class Runner:
                 chunks.append(self.predict(images[sl], per["instruction"][sl], steps, guidance, image_guidance,
                                            per["seed"][sl], per["horizon"][sl], keep=keep))
             return np.concatenate(chunks)
-        latents = self.denoise(images, instruction, steps, guidance, image_guidance, seed, horizon)
         threshold = self.sampling.keep if keep is None else keep
+        current = None
+        if threshold > 0:  # keep redraws the frames from the latents the sampler conditions on: one encode
+            with torch.inference_mode():
+                current = self.backend.encode_image(images_to_model(images))
+        latents = self.denoise(images, instruction, steps, guidance, image_guidance, seed, horizon, current)
         with torch.inference_mode():
             out = unit_to_uint8(model_to_unit(self.sampler.decode(latents)))
-            if threshold > 0:
-                redrawn = unit_to_uint8(model_to_unit(self.backend.decode(self.backend.encode_image(images_to_model(images)))))
+            if current is not None:
+                redrawn = unit_to_uint8(model_to_unit(self.backend.decode(current)))
                 out = keep_unchanged(out, redrawn, images, threshold)
         return self.postprocess(out, np.asarray(images)) if self.postprocess else out
 

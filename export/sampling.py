@@ -119,6 +119,7 @@ class IP2PSampler:
         generator: torch.Generator | list[torch.Generator] | None,
         latents: torch.Tensor | None = None,
         eta: float = 0.0,
+        image_latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(B, 3, H, W) frames in [-1, 1] + (T + 1, 77, D) embeddings -> (B, 4, h, w) scaled latents.
 
@@ -126,6 +127,7 @@ class IP2PSampler:
         is the empty prompt's (what `encode_prompt` returns). `generator`: one for the whole batch, or a
         list of B, one per frame (diffusers draws each frame's noise from its own): then a frame's output
         does not depend on what else is in the batch, so requests can share UNet calls.
+        `image_latents`: the frames' `encode_image`, when the caller has it already (it is not redone).
         """
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -139,7 +141,8 @@ class IP2PSampler:
             raise LftkError(f"{text.shape[0]} prompt embeddings for {batch} frames: give 1 or one per frame")
         if isinstance(generator, list) and len(generator) != batch:
             raise LftkError(f"{len(generator)} generators for {batch} frames: give 1 or one per frame")
-        image_latents = self.nets.encode_image(images)  # (B, 4, h, w), unscaled: IP2P conditions on it as is
+        if image_latents is None:  # (B, 4, h, w), unscaled: IP2P conditions on it as is
+            image_latents = self.nets.encode_image(images)
         text = text.expand(batch, -1, -1)  # (B, 77, D)
         cfg = uses_cfg(guidance, image_guidance)
         if cfg:

@@ -45,7 +45,9 @@ def test_the_runner_keeps_what_the_model_does_not_change(torch_runner):
     for threshold in (20.0, 60.0):
         kept = torch_runner.predict(frames, "stack the blocks", steps=2, seed=3, keep=threshold)
         assert np.array_equal(kept, keep_unchanged(raw, redrawn, frames, threshold))
+    be.reset_stats()
     assert np.array_equal(torch_runner.predict(frames, "stack the blocks", steps=2, seed=3, keep=255.0), frames)
+    assert be.stats["vae_encoder"][0] == 1  # the sampler conditions on the same encoding keep redraws from
     assert 0 < (kept == frames).all(-1).mean() < 1  # some of both at 60: the test could tell them apart
 
 
