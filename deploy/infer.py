@@ -181,6 +181,7 @@ def run_infer(
     mp4: bool = False,
     compile: bool = False,
     keep: float | None = None,
+    keep_objects: bool | None = None,
 ) -> dict:
     """Predict future frames from IMAGE; returns (and writes to OUT/timing.json) the summary.
 
@@ -189,7 +190,7 @@ def run_infer(
     `episode`: an episode dir: IMAGE and the instruction default to its frame `start_frame` and its
     instruction, and its true future frames are written beside the predictions (truth_*.png,
     compare.gif) with each prediction's PSNR against them in timing.json.
-    `steps`, `guidance`, `image_guidance` and `keep` left None are the model's own (lftk_model.json "sampling").
+    `steps`, `guidance`, `image_guidance`, `keep` and `keep_objects` left None are the model's own (lftk_model.json "sampling").
     """
     from lftk.model.postprocess import make_postprocess
 
@@ -215,7 +216,7 @@ def run_infer(
     current = load_rgb(check_frame(image, runner.resolution), runner.resolution)
     warn_long_instruction(runner.tokenizer, instruction)
     offsets = _offsets(runner, mode, frames, horizons)
-    runner.sampling = runner.sampling.overridden(keep=keep)  # every prediction of the rollout keeps alike
+    runner.sampling = runner.sampling.overridden(keep=keep, keep_objects=keep_objects)  # every prediction keeps alike
     params = runner.sampling.overridden(steps=steps, guidance=guidance, image_guidance=image_guidance)
     steps, guidance, image_guidance = params.steps, params.guidance, params.image_guidance
     load_s = time.perf_counter() - t0
@@ -256,6 +257,7 @@ def run_infer(
         "guidance": guidance,
         "image_guidance": image_guidance,
         "keep": params.keep,
+        "keep_objects": params.keep_objects,
         "scheduler": scheduler,
         "postprocess": list(getattr(post, "steps", ())),
         "load_seconds": round(load_s, 3),

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lftk.errors import LftkError
-from lftk.runtime.keep import keep_unchanged
+from lftk.runtime.keep import keep_current
 from lftk.runtime.params import SamplingParams
 from lftk.export.contract import MAX_FRAMES, TextEncoderContract
 from lftk.export.sampling import IP2PSampler, images_to_model, make_scheduler, model_to_unit, unit_to_uint8
@@ -179,12 +179,14 @@ class Runner:
         horizon: int | None | Sequence[int | None] = None,
         *,
         keep: float | None = None,
+        keep_objects: bool | None = None,
     ) -> np.ndarray:
         """(B, H, W, 3) uint8 current frames -> (B, H, W, 3) uint8 future frames, one UNet call per step.
 
         `keep` (None: the model's, `self.sampling.keep`): where the decoded prediction differs from the
         current frame as the VAE redraws it by less than this, the current frame's own pixels
-        (`lftk.runtime.keep`; one more VAE decode per frame); 0 = off.
+        (`lftk.runtime.keep`; one more VAE decode per frame); 0 = off. `keep_objects` (None: the model's):
+        objects of the current frame the prediction dropped are put back (`lftk.runtime.objects`).
 
         More than `max_batch` frames go through in chunks of `max_batch` (the export's batch profile and
         the memory limit); then each frame gets its own generator (seed + its index when one seed is
@@ -199,9 +201,11 @@ class Runner:
             for lo in range(0, batch, self.max_batch):
                 sl = slice(lo, lo + self.max_batch)
                 chunks.append(self.predict(images[sl], per["instruction"][sl], steps, guidance, image_guidance,
-                                           per["seed"][sl], per["horizon"][sl], keep=keep))
+                                           per["seed"][sl], per["horizon"][sl], keep=keep,
+                                           keep_objects=keep_objects))
             return np.concatenate(chunks)
         threshold = self.sampling.keep if keep is None else keep
+        objects = self.sampling.keep_objects if keep_objects is None else keep_objects
         current = None
         if threshold > 0:  # keep redraws the frames from the latents the sampler conditions on: one encode
             with torch.inference_mode():
@@ -209,9 +213,8 @@ class Runner:
         latents = self.denoise(images, instruction, steps, guidance, image_guidance, seed, horizon, current)
         with torch.inference_mode():
             out = unit_to_uint8(model_to_unit(self.sampler.decode(latents)))
-            if current is not None:
-                redrawn = unit_to_uint8(model_to_unit(self.backend.decode(current)))
-                out = keep_unchanged(out, redrawn, images, threshold)
+            redrawn = None if current is None else unit_to_uint8(model_to_unit(self.backend.decode(current)))
+            out = keep_current(out, np.asarray(images), redrawn, threshold, objects)
         return self.postprocess(out, np.asarray(images)) if self.postprocess else out
 
     def rollout(

@@ -72,6 +72,7 @@ class Params:
     image_guidance: float | None = None
     horizon: int | None = None  # frames ahead per step (a horizon-conditioned model); None: the model's
     keep: float | None = None  # not a request field: the model's own (lftk.runtime.keep), stated in the answer
+    keep_objects: bool | None = None  # likewise (lftk.runtime.objects)
 
 
 def parse_params(items: Iterable[tuple[str, str]], limits: Limits) -> Params:

@@ -75,7 +75,7 @@ def test_eval_uses_the_recorded_defaults_and_says_so(tiny_pipeline_dir, tiny_pai
     assert (s["steps"], s["guidance"], s["image_guidance"]) == (2, 2.5, 4.0)
     assert "lftk_model.json" in s["sampling_from"] and "tuned on test" in s["sampling_from"]
     report = evaluate(model, tiny_pairs_dir, tmp_path / "eval2", baselines=["copy"], steps=1, guidance=1.0,
-                      image_guidance=1.0, keep=0.0)
+                      image_guidance=1.0, keep=0.0, keep_objects=False)
     assert (report["settings"]["steps"], report["settings"]["guidance"]) == (1, 1.0)
     assert report["settings"]["sampling_from"] == "given"
 
@@ -112,7 +112,7 @@ def test_training_tunes_guidance_on_val_and_records_it(tiny_pipeline_dir, tiny_p
         "lftk", "train", "recipes/demo.yaml", f"output_dir={run}", f"data.path={tiny_pairs_dir}",
         f"model.base={tiny_pipeline_dir}", "max_steps=2", "train.batch_size=2", "train.val_samples=0",
         "sampling.steps=2", "sampling.guidance=[1.5,3.0]", "sampling.image_guidance=2.0", "sampling.tune_samples=2",
-        "sampling.keep=[0,40]",
+        "sampling.keep=[0,40]", "sampling.keep_objects=[false,true]",
     ])
     from lftk.eval.methods import PipelinePredictor
 
@@ -123,14 +123,14 @@ def test_training_tunes_guidance_on_val_and_records_it(tiny_pipeline_dir, tiny_p
         main()
     assert info.value.code in (0, None)
     tune = json.loads((run / "sampling_tune.json").read_text())
-    assert [(r["guidance"], r["image_guidance"], r["keep"]) for r in tune["results"]] == [
-        (1.5, 2.0, 0), (1.5, 2.0, 40), (3.0, 2.0, 0), (3.0, 2.0, 40)]
-    assert calls == [2, 2]  # one sampling of the 2 val pairs per pair of scales: keep thresholds reuse it
+    assert [(r["guidance"], r["image_guidance"], r["keep"], r["keep_objects"]) for r in tune["results"]] == [
+        (g, 2.0, k, o) for g in (1.5, 3.0) for k in (0, 40) for o in (False, True)]
+    assert calls == [2, 2]  # one sampling of the 2 val pairs per pair of scales: the keep rules reuse it
     assert all(r["val_n"] == 2 for r in tune["results"])
     recorded = read_meta(run / "final")["sampling"]
-    assert (recorded["guidance"], recorded["image_guidance"], recorded["keep"], recorded["steps"]) == (
-        tune["best"]["guidance"], 2.0, tune["best"]["keep"], 2)
-    assert recorded["tuned_on"].startswith("2 val pairs, 4 candidates")
+    assert (recorded["guidance"], recorded["image_guidance"], recorded["keep"], recorded["keep_objects"],
+            recorded["steps"]) == (tune["best"]["guidance"], 2.0, tune["best"]["keep"], tune["best"]["keep_objects"], 2)
+    assert recorded["tuned_on"].startswith("2 val pairs, 8 candidates")
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])

@@ -171,7 +171,7 @@ def test_predict_returns_the_runners_frames(server, runner, tmp_path):
     got = _frames(out)
     assert len(got) == 3
     assert out["params"] == {"instruction": "stack blocks", "frames": 3, "steps": 2, "seed": 7, "guidance": 7.5,
-                             "image_guidance": 1.5, "horizon": None, "keep": 0.0}
+                             "image_guidance": 1.5, "horizon": None, "keep": 0.0, "keep_objects": False}
     assert out["resolution"] == RES and out["timing"]["batch_size"] >= 1 and out["timing"]["compute_ms"] > 0
     (tmp_path / "f.png").write_bytes(png)
     want = runner.rollout(load_rgb(tmp_path / "f.png", RES), "stack blocks", 3, steps=2, seed=7)

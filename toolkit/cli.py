@@ -260,6 +260,10 @@ def eval_cmd(
         None, min=0.0, max=255.0,
         help="Keep the current frame's pixels where the prediction changes less than this (0-255; 0 = off; default: the model's).",
     ),
+    keep_objects: Optional[bool] = typer.Option(
+        None, "--keep-objects/--no-keep-objects",
+        help="Put back objects of the current frame that the prediction dropped (default: the model's).",
+    ),
     split: str = typer.Option("test", help="Split to evaluate."),
     max_samples: Optional[int] = typer.Option(None, min=1, help="Evaluate at most this many pairs (spread over the split)."),
     rollout_steps: int = typer.Option(2, min=2, help="Rollout baseline: steps of the model fed its own outputs."),
@@ -295,7 +299,7 @@ def eval_cmd(
     names = tuple(b.strip() for b in baselines.split(",") if b.strip())
     report = evaluate(
         model, data, out, split=split, steps=steps, guidance=guidance, image_guidance=image_guidance, seed=seed,
-        max_samples=max_samples, baselines=names, keep=keep,
+        max_samples=max_samples, baselines=names, keep=keep, keep_objects=keep_objects,
         batch_size=batch_size, rollout_steps=rollout_steps, rollout_samples=rollout_samples,
         postprocess=parse_steps(postprocess),
     )
@@ -359,6 +363,10 @@ def infer_cmd(
         None, min=0.0, max=255.0,
         help="Keep the current frame's pixels where the prediction changes less than this (0-255; 0 = off; default: the model's).",
     ),
+    keep_objects: Optional[bool] = typer.Option(
+        None, "--keep-objects/--no-keep-objects",
+        help="Put back objects of the current frame that the prediction dropped (default: the model's).",
+    ),
     scheduler: str = typer.Option("euler_a", help="euler_a (InstructPix2Pix's) | ddim | dpmpp (DPM-Solver++)."),
     postprocess: Optional[str] = typer.Option(None, help="color, sharpen or color,sharpen (off by default; README: Post-processing)."),
     episode: Optional[Path] = typer.Option(None, help="Episode dir: start from its frame and write its true frames beside the predictions."),
@@ -383,7 +391,7 @@ def infer_cmd(
         model, image, instruction, backend=backend, frames=frames, mode=mode, steps=steps, seed=seed, out=out,
         guidance=guidance, image_guidance=image_guidance, scheduler=scheduler, precision=precision,
         horizons=_int_list(horizon, "--horizon"), postprocess=postprocess, episode=episode, start_frame=start_frame,
-        mp4=mp4, compile=compile, keep=keep,
+        mp4=mp4, compile=compile, keep=keep, keep_objects=keep_objects,
     )
     _done(f"{summary['frames']} frame(s) in {summary['total_seconds']:.2f} s -> {out} (gif: {out / 'rollout.gif'})")
 

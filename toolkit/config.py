@@ -265,6 +265,11 @@ class SamplingConfig(Strict):
         "redrawn by the VAE by less than this (mean over RGB, 0-255; 0 = off), or candidates to choose from on the "
         "val split (scored on the same samples: no extra sampling).",
     )
+    keep_objects: list[bool] = Field(
+        [SamplingParams.keep_objects], min_length=1,
+        description="Put back each object of the current frame (saturated colour) that the predicted frame no longer "
+        "shows anywhere, or candidates ([false, true]) to choose from on the val split (scored on the same samples).",
+    )
     tune_samples: int = Field(24, ge=1, description="Val pairs each candidate is scored on (more = a surer choice, slower).")
     objects_margin: Optional[float] = Field(
         None, ge=0,
@@ -285,6 +290,11 @@ class SamplingConfig(Strict):
     @classmethod
     def _one_is_a_list(cls, v):
         return [v] if isinstance(v, (int, float)) and not isinstance(v, bool) else v
+
+    @field_validator("keep_objects", mode="before")
+    @classmethod
+    def _one_flag_is_a_list(cls, v):
+        return [v] if isinstance(v, bool) else v
 
     @field_validator("guidance", "image_guidance")
     @classmethod

@@ -141,6 +141,7 @@ def _setup(model: str | Path, device: str, baselines: Sequence[str], sampling: d
         guidance=params.guidance,
         image_guidance=params.image_guidance,
         keep=params.keep,
+        keep_objects=params.keep_objects,
         **knobs,
     )
     template_fields(settings.prompt_template)  # a broken template fails here, not mid-run
@@ -245,6 +246,7 @@ def evaluate(
     max_samples: int | None = None,
     baselines: Sequence[str] = DEFAULT_BASELINES,
     keep: float | None = None,
+    keep_objects: bool | None = None,
     batch_size: int = 4,
     device: str = "cpu",
     rollout_steps: int = 2,
@@ -256,7 +258,7 @@ def evaluate(
     `max_samples` takes that many samples spread evenly over the split (so every task is seen),
     not the first ones. A baseline or metric that cannot be had here is listed in the report's
     "unavailable" with the reason; the rest of the evaluation goes on. `steps`, `guidance`,
-    `image_guidance` and `keep` left None are the model's own (lftk_model.json "sampling"), else SamplingParams'.
+    `image_guidance`, `keep` and `keep_objects` left None are the model's own (lftk_model.json "sampling"), else SamplingParams'.
     """
     from lftk.eval.figures import write_figures
     from lftk.eval.report import build_sections, write_report
@@ -272,7 +274,7 @@ def evaluate(
     picks = [pairs[i] for i in spread_indices(len(pairs), max_samples)]
 
     t0 = time.perf_counter()
-    given = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance, "keep": keep}
+    given = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance, "keep": keep, "keep_objects": keep_objects}
     ref, meta, settings, methods, unavailable, lpips = _setup(
         model, device, names, given, seed=seed, batch_size=batch_size,
     )
@@ -324,6 +326,7 @@ def evaluate(
             "guidance": settings.guidance,
             "image_guidance": settings.image_guidance,
             "keep": settings.keep,
+            "keep_objects": settings.keep_objects,
             "sampling_from": _sampling_source(given, meta),
             "seed": seed,
             "max_samples": max_samples,

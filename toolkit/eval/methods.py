@@ -38,6 +38,7 @@ class EvalSettings:
     batch_size: int
     device: str
     keep: float = 0.0  # lftk.runtime.keep's threshold; 0 = the model's frames as they are
+    keep_objects: bool = False  # lftk.runtime.objects: put back objects the prediction dropped
 
 
 @dataclass(frozen=True)
@@ -78,8 +79,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 class PipelinePredictor:
-    """The stock StableDiffusionInstructPix2PixPipeline, one call per batch; with `keep`, the current
-    frame's pixels where the prediction changes less than that (`lftk.runtime.keep`), as the runner does."""
+    """The stock StableDiffusionInstructPix2PixPipeline, one call per batch; then `keep` and
+    `keep_objects` (`lftk.runtime.keep.keep_current`), as the runner does."""
 
     def __init__(self, pipe, settings: EvalSettings):
         self.pipe = pipe
@@ -104,11 +105,12 @@ class PipelinePredictor:
         preds = to_uint8(np.asarray(out.images))  # (B, R, R, 3)
         if preds.shape[1:3] != items[0].current.shape[:2]:
             raise RuntimeError(f"pipeline returned {preds.shape[1:3]} frames for {items[0].current.shape[:2]} inputs")
-        if self.s.keep > 0:
-            from lftk.runtime.keep import keep_unchanged
+        if self.s.keep > 0 or self.s.keep_objects:
+            from lftk.runtime.keep import keep_current
 
             current = np.stack([it.current for it in items])
-            preds = keep_unchanged(preds, redraw(self.pipe, current), current, self.s.keep)
+            redrawn = redraw(self.pipe, current) if self.s.keep > 0 else None
+            preds = keep_current(preds, current, redrawn, self.s.keep, self.s.keep_objects)
         return list(preds)
 
 
@@ -215,5 +217,5 @@ def make_baselines(
                 log.warning("zero-shot baseline unavailable: %s", why)
                 unavailable[name] = why
             else:
-                predictors[name] = PipelinePredictor(pipe, replace(settings, keep=0.0))  # keep is tuned per model
+                predictors[name] = PipelinePredictor(pipe, replace(settings, keep=0.0, keep_objects=False))  # tuned per model
     return predictors, unavailable

@@ -153,8 +153,8 @@ def _rollout(report: dict) -> list[str]:
     return out + [""]
 
 
-def _keep_text(keep: float | None) -> str:
-    return f", keep {keep:g}" if keep else ""
+def _keep_text(keep: float | None, objects: bool | None = None) -> str:
+    return (f", keep {keep:g}" if keep else "") + (", keep objects" if objects else "")
 
 
 def render_markdown(report: dict) -> str:
@@ -164,7 +164,7 @@ def render_markdown(report: dict) -> str:
         "",
         f"{report['n_samples']} samples from {report['n_episodes']} episodes of split `{report['split']}` in "
         f"`{report['data']}`, at {s['resolution']} px; {s['steps']} steps, guidance {s['guidance']}, "
-        f"image guidance {s['image_guidance']}{_keep_text(s.get('keep'))} ({s.get('sampling_from', 'given')}), seed {s['seed']}.",
+        f"image guidance {s['image_guidance']}{_keep_text(s.get('keep'), s.get('keep_objects'))} ({s.get('sampling_from', 'given')}), seed {s['seed']}.",
         f"Mean [95% interval]: bootstrap over episodes ({report['bootstrap']['resamples']} resamples); "
         "n/a where a metric does not apply; with few episodes the intervals are coarse.",
         "",
@@ -194,6 +194,10 @@ def render_markdown(report: dict) -> str:
     if s.get("keep"):
         out.append(f"- Keep {s['keep']:g}: the model's frames take the current frame's own pixels wherever they differ from "
                    f"the current frame as the VAE redraws it by less than {s['keep']:g} levels (mean over RGB, 3x3 box).")
+    if s.get("keep_objects"):
+        out.append("- Keep objects: an object of the current frame (connected pixels of saturated colour) that the "
+                   "model's frame no longer shows anywhere is put back where it was; it cannot draw an object at its "
+                   "new place (lftk.runtime.objects).")
     if report.get("figures"):
         out.append("- Figures: " + ", ".join(f"`{f}`" for f in report["figures"]) + ".")
     return "\n".join(out) + "\n"

@@ -41,6 +41,7 @@ def val_metrics(
     batch_size: int = 4,
     with_copy: bool = False,
     keep: float = SamplingParams.keep,
+    keep_objects: bool = SamplingParams.keep_objects,
 ) -> dict[str, float]:
     """{"val_ssim": mean, "val_psnr": ..., "val_motion_psnr": ..., "val_obj_err_px": ..., "val_n": n}
     over a fixed subset of `pairs`; metrics that are n/a on every sample are left out. With
@@ -50,7 +51,7 @@ def val_metrics(
     The UNet is put in eval mode for the call and given back in the mode it was in.
     """
     return val_metrics_by_keep(pipe, pairs, resolution, prompt_template, max_samples, steps, guidance, image_guidance,
-                               seed, batch_size, with_copy, keeps=(keep,))[0]
+                               seed, batch_size, with_copy, keeps=((keep, keep_objects),))[0]
 
 
 def val_metrics_by_keep(
@@ -65,15 +66,15 @@ def val_metrics_by_keep(
     seed: int,
     batch_size: int = 4,
     with_copy: bool = False,
-    keeps: Sequence[float] = (SamplingParams.keep,),
+    keeps: Sequence[tuple[float, bool]] = ((SamplingParams.keep, SamplingParams.keep_objects),),
 ) -> list[dict[str, float]]:
-    """`val_metrics`' figures for each `keep` threshold, in order, from one sampling of the subset
-    (the threshold only chooses, per pixel, between the model's frame and the current one)."""
+    """`val_metrics`' figures for each (`keep`, `keep_objects`), in order, from one sampling of the
+    subset (both only choose, per pixel, between the model's frame and the current one)."""
     import torch
 
     from lftk.eval.evaluate import _Memo, score
     from lftk.eval.methods import redraw
-    from lftk.runtime.keep import keep_unchanged
+    from lftk.runtime.keep import keep_current
 
     if not len(pairs):
         return [{} for _ in keeps]
@@ -83,15 +84,16 @@ def val_metrics_by_keep(
     raw = _Memo(PipelinePredictor(pipe, settings))
     redrawn = _Memo(lambda items: list(redraw(pipe, np.stack([it.current for it in items]))))
 
-    def kept(threshold: float):
+    def kept(threshold: float, objects: bool):
         def predict(items):
             current = np.stack([it.current for it in items])
-            return list(keep_unchanged(np.stack(raw(items)), np.stack(redrawn(items)), current, threshold))
+            again = np.stack(redrawn(items)) if threshold > 0 else None
+            return list(keep_current(np.stack(raw(items)), current, again, threshold, objects))
 
-        return predict if threshold > 0 else raw
+        return predict if threshold > 0 or objects else raw
 
     names = [f"keep{i}" for i in range(len(keeps))]
-    methods = {name: kept(k) for name, k in zip(names, keeps)}
+    methods = {name: kept(k, o) for name, (k, o) in zip(names, keeps)}
     if with_copy:
         methods["copy"] = copy_predictor
     unet = pipe.unet

@@ -35,3 +35,17 @@ def keep_unchanged(predicted: np.ndarray, redrawn: np.ndarray, current: np.ndarr
     changed = uniform_filter(diff, size=(1, SMOOTH_PX, SMOOTH_PX), mode="nearest") >= threshold
     changed = maximum_filter(changed, size=(1, GROW_PX, GROW_PX), mode="nearest")
     return np.where(changed[..., None], predicted, current)
+
+
+def keep_current(predicted: np.ndarray, current: np.ndarray, redrawn: np.ndarray | None, keep: float,
+                 keep_objects: bool) -> np.ndarray:
+    """The sampling rules that take pixels from the current frame, in the one order eval, infer and
+    serve apply them: `keep` (needs `redrawn`, the current frame through the VAE), then
+    `keep_objects` (lftk.runtime.objects: objects the prediction dropped are put back)."""
+    from lftk.runtime.objects import restore_dropped
+
+    if keep > 0:
+        if redrawn is None:
+            raise ValueError("keep > 0 needs the current frame as the VAE redraws it")
+        predicted = keep_unchanged(predicted, redrawn, current, keep)
+    return restore_dropped(predicted, current) if keep_objects else predicted
