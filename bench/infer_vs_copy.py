@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from lftk.data.inspect import spread_indices
     from lftk.data.pairset import PairSet
     from lftk.eval.stats import Bootstrap
-    from lftk.export.parity import psnr
+    from lftk.eval.metrics import psnr_db
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             truth = load_rgb(Path(p["source_episode_dir"]) / f"{p['future_frame']}.jpg", r) / 255.0
             current = load_rgb(Path(p["source_episode_dir"]) / f"{p['frame']}.jpg", r) / 255.0
             rows.append({"sample": pair.name, "episode": f"{pair.task}/{p.get('episode')}",
-                         "model_psnr": timing["truth"]["psnr_db"][0], "copy_psnr": round(float(psnr(current, truth)), 3)})
+                         "model_psnr": timing["truth"]["psnr_db"][0], "copy_psnr": round(float(psnr_db(current, truth)), 3)})
     episodes = [r["episode"] for r in rows]
     boot = Bootstrap(episodes)
     diff = boot.mean_ci([r["model_psnr"] - r["copy_psnr"] for r in rows], episodes)

@@ -27,8 +27,8 @@ def main() -> None:
 
     import torch
 
-    from lftk.export.manifest import component_files, verify_manifest
-    from lftk.export.ort_graph import OrtGraph
+    from lftk.runtime.manifest import component_files, verify_manifest
+    from lftk.runtime.ort_graph import OrtGraph
 
     manifest = verify_manifest(args.export)
     comp = manifest["components"]["unet"]

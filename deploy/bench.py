@@ -39,13 +39,14 @@ from typing import Sequence
 
 import numpy as np
 
-from lftk.deploy.backends import BACKENDS, Backend, OrtBackend, TorchBackend, TrtBackend
-from lftk.deploy.runner import Runner
+from lftk.runtime.backends import BACKENDS, Backend, OrtBackend, TorchBackend, TrtBackend
+from lftk.runtime.runner import Runner
 from lftk.errors import LftkError, NotAvailableError
-from lftk.export.contract import CFG_BRANCHES, COMPONENTS, MAX_FRAMES
-from lftk.export.manifest import component_files, verify_manifest
-from lftk.export.parity import FRAME_PSNR_MIN_DB, parity_image, psnr
-from lftk.export.precision import Format, targets_in
+from lftk.runtime.contract import CFG_BRANCHES, COMPONENTS, MAX_FRAMES
+from lftk.runtime.manifest import component_files, verify_manifest
+from lftk.export.parity import FRAME_PSNR_MIN_DB, parity_image
+from lftk.eval.metrics import psnr_db
+from lftk.runtime.precision import Format, targets_in
 from lftk.model.resolve import resolve_model
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def _cases(manifest: dict, backends: Sequence[str], compile: bool = False) -> li
 
 def _trt_missing() -> str | None:
     """Why TensorRT cannot run here, in a few words; None when it can."""
-    from lftk.export.tensorrt import machine
+    from lftk.runtime.trt_engine import machine
 
     info = machine()
     why = []
@@ -373,7 +374,7 @@ def _run(
                 reference, seed_baseline = _reference(torch_runner, starts, steps, seed, want_baseline)
                 torch_runner = None
             if (backend, precision) != REFERENCE and reference is not None:
-                value = round(psnr(_to_unit(reference), _to_unit(frames_out)), 3)
+                value = round(psnr_db(_to_unit(reference), _to_unit(frames_out)), 3)
                 minimum = round(_min_db(precision, seed_baseline), 3)
                 row.update(parity_psnr_db=value, parity_min_db=minimum)
                 if value < minimum:
@@ -401,10 +402,10 @@ def _run(
 
 def _pipeline_resolution(pipeline_dir: Path, requested: int | None) -> int:
     """Frame size for a pipeline without an export: as asked, else the trained one, else the VAE's native."""
-    from lftk.export.onnx_export import pick_resolution
+    from lftk.runtime.resolution import pick_resolution
 
     if requested is not None and (requested < 8 or requested % 8):
-        raise LftkError(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {requested}")
+        raise LftkError(f"--resolution must be a positive multiple of 8 (SD 1.5's VAE downsamples by 8, lftk's small presets by 4), got {requested}")
     return pick_resolution(pipeline_dir, None, requested)
 
 
@@ -416,7 +417,7 @@ def _reference(runner: Runner, starts, steps, seed, want_baseline: bool, frames:
     baseline = None
     if want_baseline:
         other = runner.predict(starts, INSTRUCTION, steps, seed=seed + 1)
-        baseline = psnr(_to_unit(frames), _to_unit(other))
+        baseline = psnr_db(_to_unit(frames), _to_unit(other))
     return frames, baseline
 
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from lftk.errors import LftkError
-from lftk.export.manifest import MANIFEST, check_engines, manifest_digest, read_manifest, verify_manifest
+from lftk.runtime.manifest import MANIFEST, check_engines, manifest_digest, read_manifest, verify_manifest
 
 log = logging.getLogger("lftk.firststart")
 
@@ -83,7 +83,7 @@ def set_option(argv: Sequence[str], name: str, value: str) -> list[str]:
 
 def tensorrt_machine() -> dict:
     """What this machine offers TensorRT (export/tensorrt.py `machine`; imports torch)."""
-    from lftk.export.tensorrt import machine
+    from lftk.runtime.trt_engine import machine
 
     return machine()
 
@@ -104,7 +104,7 @@ def choose_backend(argv: Sequence[str], env: dict, machine: Callable[[], dict] =
     reason = " and ".join(info["missing"])
     if wanted == "trt":
         raise LftkError(f"the trt backend needs {reason}; run with --backend ort, or on a machine that has them")
-    from lftk.export.ort_graph import DEFAULT_PROVIDERS  # what the ort backend runs on, said as it is
+    from lftk.runtime.ort_graph import DEFAULT_PROVIDERS  # what the ort backend runs on, said as it is
 
     log.warning("TensorRT backend not available: this machine lacks %s; running on onnxruntime instead "
                 "(--backend ort, %s)", reason, ", ".join(DEFAULT_PROVIDERS))

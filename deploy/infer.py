@@ -16,49 +16,16 @@ import numpy as np
 from PIL import Image
 
 from lftk.data.images import load_rgb, save_rgb
-from lftk.deploy.backends import BACKENDS, Backend, OrtBackend, TorchBackend, TrtBackend
-from lftk.deploy.runner import Runner
+from lftk.runtime.backends import open_backend
+from lftk.runtime.runner import Runner
 from lftk.errors import LftkError, NotAvailableError
-from lftk.export.contract import CFG_BRANCHES
-from lftk.export.sampling import uses_cfg
-from lftk.export.tensorrt import require_tensorrt
-from lftk.model.resolve import resolve_model
+from lftk.runtime.contract import CFG_BRANCHES
+from lftk.runtime.sampler import uses_cfg
 
 log = logging.getLogger(__name__)
 
 MODES = ("rollout", "sweep")
 GIF_MS_PER_FRAME = 250
-
-
-def open_backend(
-    model: str | Path,
-    backend: str = "ort",
-    providers: Sequence[str] | None = None,
-    precision: str | None = None,
-    compile: bool = False,
-) -> Backend:
-    """The backend for MODEL: ORT and TensorRT need an export dir; torch takes any model (an export's
-    pipeline/ copy). `precision`: ONNX graphs for ort (default fp32), engines for trt (default fp16),
-    torch weights (fp32, fp16 on CUDA, bf16). `compile`: torch.compile the torch backend."""
-    if backend not in BACKENDS:
-        raise LftkError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
-    if compile and backend != "torch":
-        raise LftkError(f"--compile is for --backend torch (the {backend} backend runs prebuilt graphs)")
-    if backend == "trt":
-        require_tensorrt()  # before the model is even looked at: the reason here is the machine
-    ref = resolve_model(model)
-    if backend in ("ort", "trt"):
-        if ref.kind != "export":
-            raise LftkError(
-                f"{model} is a {ref.kind} dir; the {backend} backend runs exported graphs: run "
-                f"`lftk export {model} --onnx --out EXPORT_DIR` first, then pass --model EXPORT_DIR"
-            )
-        if backend == "trt":
-            return TrtBackend(ref.path, precision or "fp16")
-        return OrtBackend(ref.path, providers, precision=precision or "fp32")
-    if ref.pipeline_dir is None:
-        raise LftkError(f"{model}: export dir without its pipeline/ copy: the torch backend needs the diffusers weights")
-    return TorchBackend(ref.pipeline_dir, precision=precision or "fp32", compile=compile)
 
 
 def _write_outputs(out: Path, frames: list[np.ndarray]) -> list[str]:
@@ -282,7 +249,7 @@ def run_infer(
 def _compare_with_episode(out: Path, ep, start: int, offsets, predicted, resolution: int) -> tuple[dict, list[str]]:
     """truth_000.png (the input) and truth_k.png for each prediction the episode reaches, compare.gif,
     and per-frame PSNR against the truth."""
-    from lftk.export.parity import psnr
+    from lftk.eval.metrics import psnr_db
 
     if any(o is None for o in offsets):
         raise LftkError("--episode: the model records no horizon, so the true frames are unknown: give --horizon")
@@ -297,6 +264,6 @@ def _compare_with_episode(out: Path, ep, start: int, offsets, predicted, resolut
         "episode": str(ep.path),
         "start_frame": start,
         "frames": [start + o if t is not None else None for o, t in zip(offsets, truth)],
-        "psnr_db": [None if t is None else round(float(psnr(p / 255.0, t / 255.0)), 3) for p, t in zip(predicted, truth)],
+        "psnr_db": [None if t is None else round(float(psnr_db(p / 255.0, t / 255.0)), 3) for p, t in zip(predicted, truth)],
     }
     return report, names

@@ -280,8 +280,8 @@ def run_server(
     require_serve_extra()
     import uvicorn
 
-    from lftk.deploy.infer import open_backend
-    from lftk.deploy.runner import Runner
+    from lftk.runtime.backends import open_backend
+    from lftk.runtime.runner import Runner
 
     # python-multipart logs a warning per malformed body: a client could fill the log with them.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)

@@ -24,9 +24,9 @@ import yaml
 from lftk.data.images import load_rgb
 from lftk.data.pairset import PairSet, split_names
 from lftk.errors import LftkError
-from lftk.export.contract import ComponentContract
+from lftk.runtime.contract import ComponentContract
 from lftk.export.parity import ComponentNetworks
-from lftk.export.sampling import IP2PSampler, images_to_model
+from lftk.runtime.sampler import IP2PSampler, images_to_model
 from lftk.model.resolve import ModelRef
 from lftk.runtime.params import SamplingParams
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 
 from lftk.errors import LftkError
-from lftk.model.base import LFTK_META, load_pipeline, read_meta, write_meta
+from lftk.model.base import LFTK_META, load_pipeline, looks_like_hub_id, read_meta, write_meta
 from lftk.model.resolve import resolve_model
+from lftk.runtime.layout import LORA_DIR
 from lftk.train.lora import VAE_ADAPTER_DIR  # lora/vae_encoder/: the VAE-encoder adapter, peft format
 
 log = logging.getLogger(__name__)
 
-LORA_DIR = "lora"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 MERGE_ATOL = 1e-4  # fused (base + B·A·alpha/r) vs final/'s UNet; float rounding is ~1e-7
 
@@ -56,7 +56,7 @@ def _base_dir(base: str, pipeline_dir: Path) -> str:
     for root in (Path.cwd(), *Path(pipeline_dir).resolve().parents):
         if (root / path / "model_index.json").is_file():
             return str(root / path)
-    if base.count("/") == 1 and not base.startswith("."):
+    if looks_like_hub_id(base):
         return base  # a hub id (owner/name): load_pipeline loads it from the cache or explains
     raise LftkError(
         f"base model {base!r} ({Path(pipeline_dir) / LFTK_META} 'base') not found from {Path.cwd()} "

@@ -26,35 +26,18 @@ from pathlib import Path
 import torch
 
 from lftk.errors import LftkError
-from lftk.export.contract import ComponentContract, build_contracts
-from lftk.export.manifest import MANIFEST, ONNX_DIR, PIPELINE_DIR, file_record, pipeline_records, tool_versions, write_manifest
+from lftk.runtime.layout import LORA_DIR
+from lftk.runtime.resolution import pick_resolution
+from lftk.runtime.contract import ComponentContract, build_contracts
+from lftk.runtime.manifest import MANIFEST, ONNX_DIR, PIPELINE_DIR, file_record, pipeline_records, tool_versions, write_manifest
 from lftk.export.parity import check_parity, raise_on_failure
 from lftk.export.stages import Report, stage
-from lftk.model.base import load_pipeline, read_meta, write_meta
+from lftk.model.base import load_pipeline, write_meta
 from lftk.model.resolve import resolve_model
 
 log = logging.getLogger(__name__)
 
 PARITY_FILE = "parity.json"
-
-
-def pick_resolution(pipeline_dir: Path, pipe, requested: int | None) -> int:
-    """The trained resolution (lftk_model.json), unless asked otherwise; else the VAE's native size.
-    `pipe`: the loaded pipeline, or None to read the VAE's config from `pipeline_dir`."""
-    trained = read_meta(pipeline_dir).get("resolution")
-    if requested is not None:
-        if trained and int(trained) != int(requested):
-            log.warning("running at %d px although the model was trained at %s px (lftk_model.json)", requested, trained)
-        return int(requested)
-    if trained:
-        return int(trained)
-    if pipe is not None:
-        return int(pipe.vae.config.sample_size)
-    vae_config = Path(pipeline_dir) / "vae" / "config.json"
-    try:
-        return int(json.loads(vae_config.read_text())["sample_size"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise LftkError(f"{vae_config}: no sample_size to take the resolution from ({exc}); give the resolution") from exc
 
 
 def _place(tmp_file: Path, dest: Path) -> list[Path]:
@@ -112,7 +95,8 @@ def _copy_pipeline(pipeline_dir: Path, dest: Path) -> None:
         return  # re-exporting from the export's own copy: it is already in place
     if dest.exists():
         shutil.rmtree(dest)
-    shutil.copytree(pipeline_dir, dest)
+    # A run's final/ carries its LoRA adapters beside the merged weights: the export is a plain pipeline.
+    shutil.copytree(pipeline_dir, dest, ignore=lambda d, names: [LORA_DIR] if Path(d) == Path(pipeline_dir) else [])
 
 
 def export_onnx(

@@ -12,7 +12,6 @@ Beyond a tolerance, `raise_on_failure` raises LftkError naming the component and
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -20,17 +19,17 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from lftk.eval.metrics import psnr_db
 from lftk.errors import LftkError
-from lftk.export.contract import ComponentContract
-from lftk.export.ort_graph import DEFAULT_PROVIDERS, OrtGraph
-from lftk.export.sampling import IP2PSampler, images_to_model, model_to_unit
+from lftk.runtime.contract import ComponentContract
+from lftk.runtime.ort_graph import DEFAULT_PROVIDERS, OrtGraph
+from lftk.runtime.sampler import IP2PSampler, images_to_model, model_to_unit
 from lftk.runtime.params import SamplingParams
 
 log = logging.getLogger(__name__)
 
 FRAME_PSNR_MIN_DB = 40.0
 FRAME_STEPS = 4  # enough for errors to compound through the scheduler, cheap on CPU
-PSNR_CAP_DB = 100.0  # identical frames: report a number JSON can hold, not inf
 PARITY_PROMPT = "move the red block onto the blue block"
 
 
@@ -51,12 +50,6 @@ class ComponentNetworks:
 
     def decode(self, latent):
         return self.calls["vae_decoder"](latent)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR in dB of two images in [0, 1], capped so that identical frames give a finite number."""
-    mse = float(np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2))
-    return PSNR_CAP_DB if mse <= 10 ** (-PSNR_CAP_DB / 10) else 10 * math.log10(1.0 / mse)
 
 
 def open_graphs(
@@ -126,7 +119,7 @@ def frame_parity(
     torch_nets = ComponentNetworks({n: c.module(pipe) for n, c in contracts.items()})
     image = parity_image(resolution, seed)
     frames = [sample_frame(pipe, nets, image, PARITY_PROMPT, steps, seed) for nets in (torch_nets, ComponentNetworks(graphs))]
-    value = psnr(*frames)
+    value = psnr_db(*frames)
     log.debug("parity frame        PSNR %.1f dB (min %.0f dB, %d steps, seed %d)", value, FRAME_PSNR_MIN_DB, steps, seed)
     return {"psnr_db": round(value, 3), "min_db": FRAME_PSNR_MIN_DB, "steps": steps, "seed": seed}
 

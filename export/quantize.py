@@ -27,9 +27,10 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from lftk.errors import LftkError
 from lftk.export.calibration import Calibration
-from lftk.export.contract import ComponentContract
-from lftk.export.ort_graph import OrtGraph
-from lftk.export.parity import ComponentNetworks, parity_image, psnr, sample_frame
+from lftk.runtime.contract import ComponentContract
+from lftk.runtime.ort_graph import OrtGraph
+from lftk.export.parity import ComponentNetworks, parity_image, sample_frame
+from lftk.eval.metrics import psnr_db
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +155,7 @@ def int8_frame_psnr(
     ref = sample_frame(pipe, nets_fp32, image, prompt, steps, seed)
     got = sample_frame(pipe, nets_int8, image, prompt, steps, seed)
     other_seed = sample_frame(pipe, nets_fp32, image, prompt, steps, seed + 1)
-    value, baseline = round(psnr(ref, got), 3), round(psnr(ref, other_seed), 3)
+    value, baseline = round(psnr_db(ref, got), 3), round(psnr_db(ref, other_seed), 3)
     minimum = round(min(INT8_PSNR_GOOD_DB, baseline + INT8_MARGIN_DB), 3)
     return {
         "psnr_db_vs_fp32": value,

@@ -24,13 +24,13 @@ from pathlib import Path
 from lftk import atomic
 from lftk.errors import LftkError
 from lftk.export import calibration, trt_check, variants
-from lftk.export.contract import build_contracts
-from lftk.export.manifest import (
+from lftk.runtime.contract import build_contracts
+from lftk.runtime.manifest import (
     MANIFEST, PIPELINE_DIR, check_engines, graph_sha256, read_manifest, verify_manifest, write_manifest,
 )
 from lftk.export.merge import adapters_of, merge_run
 from lftk.export.onnx_export import PARITY_FILE, export_onnx
-from lftk.export.precision import Format, Precision, plan, targets_in
+from lftk.runtime.precision import Format, Precision, plan, targets_in
 from lftk.export.stages import Report, stage
 from lftk.model.base import load_pipeline, read_meta
 from lftk.model.resolve import ModelRef, resolve_model
@@ -56,9 +56,12 @@ def run_export(
     calib: str | Path | None = None,
     resolution: int | None = None,
     calib_pairs: int = calibration.CALIB_PAIRS,
+    check_merge: bool = False,
 ) -> dict:
     """Run the export; returns a summary (out, manifest, stages, next commands). LftkError on bad
-    input or a failed stage, NotAvailableError when --trt lacks a GPU or TensorRT."""
+    input or a failed stage, NotAvailableError when --trt lacks a GPU or TensorRT. A LoRA run's
+    final/ is exported as training wrote it (merged); `check_merge` rebuilds the merge from the base
+    and the adapters and checks it against final/ first (needs the base)."""
     t_start = time.perf_counter()
     precision = Precision.parse(precision)
     targets = plan(precision, onnx, trt, dynamic_shape, calib is not None)
@@ -68,7 +71,7 @@ def run_export(
         raise LftkError("--dynamic-shape changes the exported graphs: drop --no-onnx to re-export them")
     info = None
     if any(t.build_on == "gpu" for t in targets):  # the table says what needs a GPU (TensorRT rows)
-        from lftk.export.tensorrt import require_tensorrt
+        from lftk.runtime.trt_engine import require_tensorrt
 
         info = require_tensorrt()  # before minutes of ONNX work, not after
     ref = resolve_model(model)
@@ -86,7 +89,7 @@ def run_export(
         out = atomic.staging_dir(final_out)
     try:
         if onnx:
-            pipeline_dir = _merge(ref, out, report)
+            pipeline_dir = _merge(ref, out, report, check_merge)
             export_onnx(pipeline_dir, out, resolution, dynamic_shape=dynamic_shape, report=report,
                         source=Path(_source_of(ref) or ref.path), extra={"model": _model_meta(pipeline_dir)})
         elif not (out / MANIFEST).is_file():
@@ -166,13 +169,19 @@ def run_export(
             "parity": manifest.get("parity", {}), "next": commands, "seconds": round(time.perf_counter() - t_start, 2)}
 
 
-def _merge(ref: ModelRef, out: Path, report: Report) -> Path:
-    """The pipeline to export: a run's adapters merged into OUT/pipeline, or MODEL's own pipeline."""
+def _merge(ref: ModelRef, out: Path, report: Report, check: bool = False) -> Path:
+    """The pipeline to export: MODEL's own pipeline (a run's final/ is merged when training ends;
+    export copies it without its lora/ adapters), or with `check`, the run's adapters merged again
+    into OUT/pipeline from the base and compared with final/."""
     if ref.pipeline_dir is None:
         raise LftkError(f"{ref.path}: export dir without its pipeline/ copy: export again from the source model")
     with stage(report, "merge", "lora") as st:
         if adapters_of(ref.pipeline_dir) is None:
             st.skip(f"already merged: {ref.pipeline_dir.name}/ holds no LoRA adapters")
+            return ref.pipeline_dir
+        if not check:
+            st.skip(f"{ref.pipeline_dir.name}/ is merged as training wrote it; its lora/ adapters stay out of the "
+                    "export (--check-merge rebuilds the merge from the base and compares)")
             return ref.pipeline_dir
         result = merge_run(ref.path, out / PIPELINE_DIR)
         st.done(result.pipeline_dir, f"base + lora/ == {ref.pipeline_dir.name}/ UNet (max abs diff {result.max_abs_diff:.1e})")

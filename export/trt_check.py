@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lftk.errors import LftkError
 from lftk.export import trt_ops
-from lftk.export.contract import profile_shapes
+from lftk.runtime.contract import profile_shapes
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,12 @@ from pathlib import Path
 
 from lftk.errors import LftkError
 from lftk.export import calibration, fp16, quantize
-from lftk.export.manifest import PIPELINE_DIR, file_record, graph_sha256
-from lftk.export.ort_graph import OrtGraph
-from lftk.export.parity import ComponentNetworks, open_graphs, parity_image, psnr, sample_frame
-from lftk.export.precision import Format, Precision, target
+from lftk.runtime.layout import ONNX_DIR, PIPELINE_DIR
+from lftk.runtime.manifest import file_record, graph_sha256
+from lftk.runtime.ort_graph import OrtGraph
+from lftk.export.parity import ComponentNetworks, open_graphs, parity_image, sample_frame
+from lftk.eval.metrics import psnr_db
+from lftk.runtime.precision import Format, Precision, target
 from lftk.export.stages import Report, human_size, stage
 from lftk.model.base import read_meta
 from lftk.runtime.params import SamplingParams
@@ -68,7 +70,7 @@ def _fp16_parity(out: Path, manifest: dict, variants: dict, pipe, contracts: dic
         }
     except Exception as exc:  # a provider without fp16 kernels fails at session creation
         return {"psnr_db_vs_fp32": None, "status": f"not run: this onnxruntime cannot load the fp16 graphs ({exc})"}
-    full = open_graphs(contracts, out / "onnx")
+    full = open_graphs(contracts, out / ONNX_DIR)
     res = int(manifest["resolution"])
     image, prompt = parity_image(res), "move the red block onto the blue block"
     try:
@@ -77,7 +79,7 @@ def _fp16_parity(out: Path, manifest: dict, variants: dict, pipe, contracts: dic
     except Exception as exc:  # e.g. an fp16 kernel missing at run time on this provider
         return {"psnr_db_vs_fp32": None, "status": f"not run: {exc}"}
     return {
-        "psnr_db_vs_fp32": round(psnr(ref, got), 3),
+        "psnr_db_vs_fp32": round(psnr_db(ref, got), 3),
         "providers": half["unet"].providers,
         "steps": FP16_FRAME_STEPS,
         "note": "measured on the provider named; fp16 graphs are meant for GPU providers",
@@ -117,7 +119,7 @@ def build_int8(
             calibration=calib.describe(),
         )
     with stage(report, "parity", "int8") as st:
-        fp32_graphs = open_graphs(contracts, out / "onnx")
+        fp32_graphs = open_graphs(contracts, out / ONNX_DIR)
         unet = contracts["unet"]
         int8_unet = OrtGraph(out / variants["unet"]["files"][0]["path"], unet.input_dtypes(), unet.output_names()[0])
         parity = quantize.int8_frame_psnr(pipe, contracts, fp32_graphs, int8_unet, calib, res)

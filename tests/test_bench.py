@@ -12,10 +12,10 @@ import torch
 from typer.testing import CliRunner
 
 from lftk.cli import app
-from lftk.deploy.backends import OrtBackend
+from lftk.runtime.backends import OrtBackend
 from lftk.deploy.bench import KEYS, format_table, run_bench
 from lftk.errors import LftkError
-from lftk.export.manifest import read_manifest, write_manifest
+from lftk.runtime.manifest import read_manifest, write_manifest
 from lftk.export.parity import parity_image
 
 TINY = {"frames": 3, "steps": 2, "warmup": 1, "repeats": 1, "threads": 1}  # 1 thread: torch stalls on a busy CPU
@@ -81,7 +81,7 @@ def test_ort_precision_is_checked_against_the_export(tiny_export_dir):
 
 
 def test_ort_same_seed_same_batched_frames(tiny_export_dir):
-    from lftk.deploy.runner import Runner
+    from lftk.runtime.runner import Runner
 
     runner = Runner.from_backend(OrtBackend(tiny_export_dir))
     starts = np.concatenate([parity_image(64, seed=k) for k in range(2)])
@@ -105,7 +105,7 @@ def test_bench_refuses_bad_input_and_tampered_exports(tiny_export_dir, tiny_pipe
 def test_engines_for_another_gpu_are_refused_in_their_row(tiny_export_dir, tmp_path, monkeypatch):
     """An export whose engine record names another TensorRT/GPU: the trt row is refused, not run."""
     import lftk.deploy.bench as bench_mod
-    import lftk.export.tensorrt as trt_mod
+    import lftk.runtime.trt_engine as trt_mod
 
     export = tmp_path / "export"
     shutil.copytree(tiny_export_dir, export)

@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lftk.deploy.backends import OrtBackend, TorchBackend
+from lftk.runtime.backends import OrtBackend, TorchBackend
 from lftk.deploy.infer import run_infer
-from lftk.deploy.runner import Runner
+from lftk.runtime.runner import Runner
 from lftk.errors import LftkError, NotAvailableError
-from lftk.export.parity import parity_image, psnr
+from lftk.eval.metrics import psnr_db
+from lftk.export.parity import parity_image
 
 STEPS = 3  # few steps keep the tier fast; the loop is the same at 20
 
@@ -122,7 +123,7 @@ def test_ort_and_torch_runners_agree(ort_runner, torch_runner, frame):
     for runner in (ort_runner, torch_runner):
         latents = runner.denoise(frame[None], "beat the block", steps=STEPS, seed=1)
         outs.append(runner.sampler.decode(latents).numpy() / 2 + 0.5)
-    assert psnr(*outs) >= 40.0
+    assert psnr_db(*outs) >= 40.0
 
 
 @pytest.mark.parametrize(
@@ -207,7 +208,7 @@ def test_deploy_runs_without_training_extras(tiny_export_dir, tmp_path):
         import sys
         for name in ("deepspeed", "peft", "bitsandbytes"):
             sys.modules[name] = None  # any import of them now raises ImportError
-        import lftk.deploy.runner, lftk.deploy.backends, lftk.deploy.infer
+        import lftk.runtime.runner, lftk.runtime.backends, lftk.deploy.infer
         from lftk.deploy.infer import run_infer
         run_infer({str(tiny_export_dir)!r}, {str(image)!r}, "stack", backend="ort", frames=1, steps=1,
                   out={str(tmp_path / "out")!r})
@@ -235,7 +236,7 @@ def test_requests_batched_together_match_each_alone(ort_runner, frame, monkeypat
     for i in range(3):
         alone = runner.rollout(starts[i], instructions[i], lengths[i], STEPS, seed=seeds[i])
         for k, (a, b) in enumerate(zip(alone, together[i])):
-            assert psnr(a / 255.0, b / 255.0) >= 40.0, f"rollout {i} frame {k + 1} changed by batching"
+            assert psnr_db(a / 255.0, b / 255.0) >= 40.0, f"rollout {i} frame {k + 1} changed by batching"
     other = runner.rollout_many(starts[:1], instructions[:1], [1], STEPS, seeds=[99])[0][0]
     assert not np.array_equal(other, together[0][0]), "the seed did not reach the sampler"
     with pytest.raises(LftkError, match="2 seeds for 3 frames"):
@@ -243,7 +244,7 @@ def test_requests_batched_together_match_each_alone(ort_runner, frame, monkeypat
 
 
 def test_io_binding_matches_a_plain_run_and_reuses_its_buffer(tiny_export_dir):
-    from lftk.export.ort_graph import OrtGraph
+    from lftk.runtime.ort_graph import OrtGraph
 
     backend = OrtBackend(tiny_export_dir)
     graph = backend.graphs["unet"]
@@ -274,7 +275,7 @@ def test_more_frames_than_max_batch_go_in_chunks(ort_runner, frame, monkeypatch)
     monkeypatch.setattr(runner, "max_batch", 2)
     chunked = runner.predict(starts, "stack", steps=1, seed=[4, 5, 6])
     assert calls == [6, 3]  # 2 frames x 3 branches, then the last frame
-    assert psnr(whole / 255.0, chunked / 255.0) >= 40.0
+    assert psnr_db(whole / 255.0, chunked / 255.0) >= 40.0
     # One seed for all: frame i is seeded seed + i, so the chunk boundaries do not matter.
     assert np.array_equal(runner.predict(starts, "stack", steps=1, seed=4), chunked)
 

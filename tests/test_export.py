@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from lftk.errors import LftkError
-from lftk.export.contract import (
+from lftk.runtime.contract import (
     CFG_BRANCHES,
     COMPONENTS,
     ComponentContract,
     UnetContract,
     build_contracts,
 )
-from lftk.export.manifest import read_manifest, sha256_file, verify_manifest
+from lftk.runtime.manifest import read_manifest, sha256_file, verify_manifest
 
 ONNX_FILES = {f"onnx/{c}.onnx" for c in COMPONENTS}
 
@@ -109,7 +109,7 @@ def test_parity_catches_a_graph_that_drifted_from_its_weights(tiny_pipe, tiny_ex
 
 
 def test_tampered_graph_is_refused_with_a_rebuild_hint(tiny_export_dir, tmp_path):
-    from lftk.deploy.backends import OrtBackend
+    from lftk.runtime.backends import OrtBackend
 
     copy = tmp_path / "export"
     shutil.copytree(tiny_export_dir, copy)
@@ -187,7 +187,7 @@ def test_resolution_must_fit_the_model(tiny_pipe):
 
 
 def test_resolution_choice(tmp_path):
-    from lftk.export.onnx_export import pick_resolution
+    from lftk.runtime.resolution import pick_resolution
     from lftk.model.base import write_meta
 
     pipe = SimpleNamespace(vae=SimpleNamespace(config=SimpleNamespace(sample_size=512)))

@@ -12,8 +12,8 @@ import types
 
 import pytest
 
-from lftk.export.manifest import check_engines, verify_manifest, write_manifest
-from lftk.export.precision import Format, Precision, target
+from lftk.runtime.manifest import check_engines, verify_manifest, write_manifest
+from lftk.runtime.precision import Format, Precision, target
 from lftk.export.stages import Report
 
 VERSION, CC = "10.9.0", "8.7"
@@ -102,7 +102,7 @@ def engines(tiny_export_dir, tiny_pairs_dir, tmp_path, monkeypatch):
     shutil.copytree(tiny_export_dir, export)
     manifest = verify_manifest(export)
     # Stand-in fp16 and int8 graphs (the fp32 bytes under their names): only the plumbing is under test.
-    from lftk.export.manifest import file_record
+    from lftk.runtime.manifest import file_record
 
     for name, comp in manifest["components"].items():
         shutil.copyfile(export / f"onnx/{name}.onnx", export / f"onnx/{name}.fp16.onnx")

@@ -9,15 +9,16 @@ import numpy as np
 import pytest
 
 from lftk.cli import main
-from lftk.export.contract import COMPONENTS
-from lftk.export.manifest import verify_manifest
+from lftk.errors import LftkError
+from lftk.runtime.contract import COMPONENTS
+from lftk.runtime.manifest import verify_manifest
 
 
 @pytest.fixture(scope="module")
 def run_export_dir(lora_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("run_export") / "export"
     mp = pytest.MonkeyPatch()
-    mp.setattr("sys.argv", ["lftk", "export", str(lora_run), "--dynamic-shape", "--check-trt", "--out", str(out)])
+    mp.setattr("sys.argv", ["lftk", "export", str(lora_run), "--dynamic-shape", "--check-trt", "--check-merge", "--out", str(out)])
     with pytest.raises(SystemExit) as info:
         main()
     mp.undo()
@@ -75,3 +76,29 @@ def test_next_commands_are_exact(run_export_dir, tiny_pairs_dir, lora_run, monke
     frame = sorted((tiny_pairs_dir / "test").iterdir())[0] / "000000_0.jpg"
     assert lines[-2] == f"next: lftk infer --model {run_export_dir} --image {frame} --instruction 'stack blocks' --backend ort"
     assert lines[-1] == f"next: lftk bench --model {run_export_dir} --backends torch,ort"
+
+
+def test_a_run_exports_its_final_as_written_without_the_base(lora_run, tmp_path):
+    """The default: final/ is already merged; export neither needs the base nor fuses again."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from lftk.export.run import run_export
+    from lftk.model.base import read_meta, write_meta
+
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    write_meta(run / "final", {**read_meta(run / "final"), "base": str(tmp_path / "gone")})  # the base is not here
+    summary = run_export(run, tmp_path / "export")
+    manifest = verify_manifest(tmp_path / "export")
+    merge = next(s for s in manifest["stages"] if s["name"] == "merge")
+    assert merge["status"] == "skipped" and "merged as training wrote it" in merge["note"]
+    pipe = tmp_path / "export" / "pipeline"
+    assert not (pipe / "lora").exists()  # still a plain pipeline
+    name = "unet/diffusion_pytorch_model.safetensors"
+    ours, final = load_file(pipe / name), load_file(run / "final" / name)
+    assert all((ours[k] == final[k]).all() for k in final)  # final/'s weights, bit for bit
+    assert summary["precisions"] == ["onnx:fp32"]
+    with pytest.raises(LftkError, match="gone"):
+        run_export(run, tmp_path / "checked", check_merge=True)  # the opt-in check needs the base

@@ -28,7 +28,7 @@ def test_sd15_unet_exports_with_external_data_and_runs_in_onnxruntime(tmp_path):
     import onnxruntime as ort
     from diffusers import UNet2DConditionModel
 
-    from lftk.export.contract import ModelDims, UnetContract
+    from lftk.runtime.contract import ModelDims, UnetContract
     from lftk.export.onnx_export import export_component
     from lftk.export.trt_check import check_graph
     from lftk.model.components import preset_spec

@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lftk.cli import main
 from lftk.errors import LftkError
 from lftk.export import trt_ops
-from lftk.export.manifest import (
+from lftk.runtime.manifest import (
     check_engines, component_files, file_record, graph_sha256, read_manifest, verify_manifest, write_manifest,
 )
 from lftk.export.trt_check import check_export, check_graph, check_profiles, raise_on_failure
@@ -191,7 +191,7 @@ def test_a_changed_engine_file_is_refused(export_with_engine):
 
 
 def test_an_edited_manifest_is_refused(tiny_export_dir, tmp_path):
-    from lftk.deploy.backends import OrtBackend
+    from lftk.runtime.backends import OrtBackend
 
     export = tmp_path / "export"
     shutil.copytree(tiny_export_dir, export)

@@ -11,8 +11,8 @@ import pytest
 
 from lftk.cli import main
 from lftk.errors import LftkError, NotAvailableError
-from lftk.export.manifest import read_manifest, sha256_file, verify_manifest
-from lftk.export.precision import TARGETS, Format, Precision, plan, precision_help, targets_in
+from lftk.runtime.manifest import read_manifest, sha256_file, verify_manifest
+from lftk.runtime.precision import TARGETS, Format, Precision, plan, precision_help, targets_in
 
 
 def _cli(monkeypatch, *args) -> int:
@@ -81,7 +81,7 @@ def test_int8_psnr_and_size_are_recorded(int8_export, tiny_pairs_dir):
 
 
 def test_ort_backend_still_runs_the_export(int8_export):
-    from lftk.deploy.backends import OrtBackend
+    from lftk.runtime.backends import OrtBackend
 
     assert OrtBackend(int8_export[0]).providers == ["CPUExecutionProvider"]
 
@@ -150,7 +150,7 @@ def test_help_and_rows_come_from_one_table():
 
 
 def test_trt_without_gpu_or_tensorrt_exits_2_saying_what_is_missing(tiny_export_dir, monkeypatch, capsys):
-    from lftk.export.tensorrt import machine
+    from lftk.runtime.trt_engine import machine
 
     if not machine()["missing"]:
         pytest.skip("this machine has a GPU and TensorRT")

@@ -144,7 +144,7 @@ def eval_writer(root: Path, pipeline: Path, pairs: Path) -> Writer:
 
 def _export_state(out: Path, want_precision: str | None = None, had_export: bool = False) -> tuple[str, int]:
     from lftk.errors import LftkError
-    from lftk.export.manifest import verify_manifest
+    from lftk.runtime.manifest import verify_manifest
 
     if not out.exists() or not (out / "manifest.json").exists():
         return "absent", int(had_export)

@@ -16,7 +16,7 @@ import pytest
 
 from lftk.deploy import firststart
 from lftk.errors import LftkError
-from lftk.export.manifest import component_files, file_record, graph_sha256, read_manifest, write_manifest
+from lftk.runtime.manifest import component_files, file_record, graph_sha256, read_manifest, write_manifest
 
 H100 = {"tensorrt": "10.16.1.11", "compute_capability": "9.0", "gpu": "NVIDIA H100", "missing": []}
 L40S = {**H100, "compute_capability": "8.9", "gpu": "NVIDIA L40S"}

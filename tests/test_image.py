@@ -226,8 +226,8 @@ def _host_frames(export: Path, seed: int, frames: int = 2) -> list[np.ndarray]:
     from test_serve import RES, _png
 
     from lftk.data.images import load_rgb
-    from lftk.deploy.infer import open_backend
-    from lftk.deploy.runner import Runner
+    from lftk.runtime.backends import open_backend
+    from lftk.runtime.runner import Runner
 
     png = export.parent / "frame.png"
     png.write_bytes(_png())

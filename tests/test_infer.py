@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lftk.deploy.backends import OrtBackend
+from lftk.runtime.backends import OrtBackend
 from lftk.deploy.infer import run_infer
-from lftk.deploy.runner import Runner
+from lftk.runtime.runner import Runner
 from lftk.errors import LftkError
 from lftk.export.parity import parity_image
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from lftk.deploy.backends import TorchBackend
-from lftk.deploy.runner import Runner
+from lftk.runtime.backends import TorchBackend
+from lftk.runtime.runner import Runner
 from lftk.eval.methods import EvalItem, EvalSettings, PipelinePredictor, redraw
 from lftk.export.parity import parity_image
-from lftk.export.sampling import images_to_model, make_scheduler, model_to_unit, unit_to_uint8
+from lftk.runtime.sampler import images_to_model, make_scheduler, model_to_unit, unit_to_uint8
 from lftk.runtime.keep import keep_unchanged
 
 

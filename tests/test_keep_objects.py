@@ -56,8 +56,8 @@ def test_a_prediction_that_shows_every_object_is_returned_as_it_is():
 
 
 def test_the_runner_and_eval_put_back_the_same_objects(tiny_pipeline_dir):
-    from lftk.deploy.backends import TorchBackend
-    from lftk.deploy.runner import Runner
+    from lftk.runtime.backends import TorchBackend
+    from lftk.runtime.runner import Runner
     from lftk.eval.methods import EvalItem, EvalSettings, PipelinePredictor
     from lftk.model.base import load_pipeline
 

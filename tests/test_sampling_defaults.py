@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lftk.deploy.backends import OrtBackend
+from lftk.runtime.backends import OrtBackend
 from lftk.deploy.infer import run_infer
-from lftk.deploy.runner import Runner
+from lftk.runtime.runner import Runner
 from lftk.export.parity import parity_image
 from lftk.model.base import read_meta, write_meta
 from lftk.runtime.params import SamplingParams

@@ -153,8 +153,8 @@ def server(tiny_export_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runner(tiny_export_dir):
-    from lftk.deploy.infer import open_backend
-    from lftk.deploy.runner import Runner
+    from lftk.runtime.backends import open_backend
+    from lftk.runtime.runner import Runner
 
     return Runner.from_backend(open_backend(tiny_export_dir, "ort"))
 

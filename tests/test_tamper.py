@@ -258,7 +258,7 @@ def test_infer_refuses_a_decompression_bomb_and_a_tiny_frame(monkeypatch, capsys
 
 
 def test_an_export_with_an_edited_or_added_pipeline_file_or_no_digest_is_refused(tmp_path, tiny_export_dir):
-    from lftk.export.manifest import MANIFEST, verify_manifest
+    from lftk.runtime.manifest import MANIFEST, verify_manifest
 
     verify_manifest(tiny_export_dir)
     cases = {
@@ -330,7 +330,7 @@ def test_damaged_artifacts_are_refused_or_fallen_back_from(damage, tmp_path, fou
     traceback or a silently different result."""
     from lftk.data.episodes import scan_episodes
     from lftk.data.pairset import PairSet, read_summary
-    from lftk.export.manifest import verify_manifest
+    from lftk.runtime.manifest import verify_manifest
     from lftk.model.base import read_meta
     from lftk.train.checkpoint import verify
     from lftk.train.rundir import RunDir

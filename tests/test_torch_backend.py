@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from lftk.deploy.backends import TorchBackend
-from lftk.deploy.infer import open_backend
-from lftk.deploy.runner import Runner
+from lftk.runtime.backends import TorchBackend
+from lftk.runtime.backends import open_backend
+from lftk.runtime.runner import Runner
 from lftk.errors import LftkError, NotAvailableError
-from lftk.export.parity import parity_image, psnr
+from lftk.eval.metrics import psnr_db
+from lftk.export.parity import parity_image
 
 STEPS = 2
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -46,7 +47,7 @@ def test_bf16_on_cpu_stays_close_to_fp32(tiny_pipeline_dir):
     assert be.providers[0].startswith("torch:cpu") and "bf16" in be.providers[0]
     assert next(be.modules["unet"].parameters()).dtype == torch.bfloat16
     # bf16 keeps 8 bits of mantissa: close, not equal (the tiny model's random weights amplify it).
-    assert 15.0 <= psnr(ref / 255.0, _predict(be) / 255.0) < 100.0
+    assert 15.0 <= psnr_db(ref / 255.0, _predict(be) / 255.0) < 100.0
 
 
 @pytest.mark.gpu
@@ -57,7 +58,7 @@ def test_cuda_modes_match_cpu_fp32(tiny_pipeline_dir, precision, compile):
     be = TorchBackend(tiny_pipeline_dir, device="cuda", precision=precision, compile=compile)
     out = _predict(be)
     minimum = {"fp32": 40.0, "fp16": 30.0, "bf16": 20.0}[precision]
-    assert psnr(ref / 255.0, out / 255.0) >= minimum
+    assert psnr_db(ref / 255.0, out / 255.0) >= minimum
     # The sampler's tensors stay on the GPU between calls: the UNet's output is a CUDA tensor.
     embeds = be.encode_text(torch.zeros(3, 77, dtype=torch.int64))
     assert embeds.is_cuda and be.unet(torch.zeros(3, 8, 16, 16), torch.zeros(3), embeds).is_cuda
@@ -67,4 +68,4 @@ def test_cuda_modes_match_cpu_fp32(tiny_pipeline_dir, precision, compile):
 def test_compiled_on_cpu_matches_eager(tiny_pipeline_dir):
     ref = _predict(TorchBackend(tiny_pipeline_dir, device="cpu"))
     out = _predict(TorchBackend(tiny_pipeline_dir, device="cpu", compile=True))
-    assert psnr(ref / 255.0, out / 255.0) >= 40.0
+    assert psnr_db(ref / 255.0, out / 255.0) >= 40.0

@@ -37,9 +37,9 @@ def trt_export(tiny_export_dir, tiny_pairs_dir, tmp_path_factory):
 
 
 def test_engines_are_recorded_for_this_machine(trt_export):
-    from lftk.export.contract import COMPONENTS
-    from lftk.export.manifest import check_engines, verify_manifest
-    from lftk.export.tensorrt import machine
+    from lftk.runtime.contract import COMPONENTS
+    from lftk.runtime.manifest import check_engines, verify_manifest
+    from lftk.runtime.trt_engine import machine
 
     export, *_ = trt_export
     manifest = verify_manifest(export)
@@ -56,7 +56,7 @@ def test_engines_are_recorded_for_this_machine(trt_export):
 
 
 def test_engines_agree_with_onnxruntime(trt_export):
-    from lftk.export.manifest import read_manifest
+    from lftk.runtime.manifest import read_manifest
 
     export, *_ = trt_export
     engines = read_manifest(export)["engines"]
@@ -68,9 +68,9 @@ def test_engines_agree_with_onnxruntime(trt_export):
 
 
 def test_engine_runs_across_its_batch_profile(trt_export):
-    from lftk.export.contract import profile_shapes
-    from lftk.export.manifest import read_manifest
-    from lftk.export.tensorrt import TrtEngine
+    from lftk.runtime.contract import profile_shapes
+    from lftk.runtime.manifest import read_manifest
+    from lftk.runtime.trt_engine import TrtEngine
 
     export, *_ = trt_export
     manifest = read_manifest(export)
@@ -95,7 +95,7 @@ def test_rebuilding_hits_the_cache(trt_export):
 
 def test_engine_for_another_gpu_is_refused(trt_export):
     from lftk.errors import LftkError
-    from lftk.export.manifest import check_engines, read_manifest
+    from lftk.runtime.manifest import check_engines, read_manifest
 
     export, *_ = trt_export
     with pytest.raises(LftkError, match=r"compute capability .* this GPU is 1\.0.*--no-onnx --trt --precision fp16"):

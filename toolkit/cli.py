@@ -264,6 +264,13 @@ def eval_cmd(
         None, "--keep-objects/--no-keep-objects",
         help="Put back objects of the current frame that the prediction dropped (default: the model's).",
     ),
+    backend: Optional[str] = typer.Option(
+        None, help="Run the model through lftk's runner on torch | ort | trt, as infer and serve do (ort/trt: an export "
+        "dir). Default: diffusers' pipeline.",
+    ),
+    precision: Optional[str] = typer.Option(
+        None, help="With --backend: ort graphs fp32 | fp16 | int8; trt engines fp16 | int8; torch fp32 | fp16 | bf16.",
+    ),
     split: str = typer.Option("test", help="Split to evaluate."),
     max_samples: Optional[int] = typer.Option(None, min=1, help="Evaluate at most this many pairs (spread over the split)."),
     rollout_steps: int = typer.Option(2, min=2, help="Rollout baseline: steps of the model fed its own outputs."),
@@ -280,6 +287,7 @@ def eval_cmd(
     """Model vs baselines: whole-frame, motion-masked and trajectory metrics, 95% intervals, figures.
 
     Example: lftk eval runs/demo --data data/pairs --baselines copy,zero-shot,rollout
+    Example: lftk eval exports/demo --data data/pairs --backend ort --precision int8   (what infer and serve run)
     Example: lftk eval --compare runs/demo runs/demo-lora
     """
     if compare and all(compare):
@@ -299,7 +307,7 @@ def eval_cmd(
     names = tuple(b.strip() for b in baselines.split(",") if b.strip())
     report = evaluate(
         model, data, out, split=split, steps=steps, guidance=guidance, image_guidance=image_guidance, seed=seed,
-        max_samples=max_samples, baselines=names, keep=keep, keep_objects=keep_objects,
+        max_samples=max_samples, baselines=names, keep=keep, keep_objects=keep_objects, backend=backend, precision=precision,
         batch_size=batch_size, rollout_steps=rollout_steps, rollout_samples=rollout_samples,
         postprocess=parse_steps(postprocess),
     )
@@ -317,8 +325,8 @@ def export_cmd(
         True, "--onnx/--no-onnx", help="Export the fp32 ONNX graphs from torch (default); --no-onnx adds to an existing export."
     ),
     trt: bool = typer.Option(False, "--trt", help="Build TensorRT engines at --precision (needs a CUDA GPU and TensorRT)."),
-    # Written from the export table (lftk.export.precision), which also validates the combination.
-    precision: str = typer.Option("fp32", help=__import__("lftk.export.precision", fromlist=["_"]).precision_help()),
+    # Written from the export table (lftk.runtime.precision), which also validates the combination.
+    precision: str = typer.Option("fp32", help=__import__("lftk.runtime.precision", fromlist=["_"]).precision_help()),
     dynamic_shape: bool = typer.Option(
         False, "--dynamic-shape", help="Dynamic image height/width (half to twice the trained side), not only batch."
     ),
@@ -329,15 +337,20 @@ def export_cmd(
         None, "--calib", help="int8 calibration pair dir (default: the run's training data, resolved_config.yaml data.path)."
     ),
     out: Optional[Path] = typer.Option(None, help="Export dir (default: MODEL/export; for an export dir, itself)."),
+    check_merge: bool = typer.Option(
+        False, "--check-merge", help="A LoRA run: rebuild the merge from the base and its adapters and check it against "
+        "final/ (needs the base); default: export final/ as training merged it.",
+    ),
 ) -> None:
-    """Merge adapters, export ONNX (fp32, fp16, int8 Q/DQ) and TensorRT engines, with parity and checks.
+    """Export a model (a run's final/ as written), ONNX (fp32, fp16, int8 Q/DQ) and TensorRT engines, with parity and checks.
 
     Example: lftk export runs/demo --onnx --precision int8 --check-trt --out exports/demo
     """
     from lftk.export.run import run_export
 
     summary = run_export(
-        model, out, precision, onnx=onnx, trt=trt, dynamic_shape=dynamic_shape, check_trt=check_trt, calib=calib
+        model, out, precision, onnx=onnx, trt=trt, dynamic_shape=dynamic_shape, check_trt=check_trt, calib=calib,
+        check_merge=check_merge,
     )
     _done(f"export: {summary['out']} ({', '.join(summary['precisions'])})\n" + "\n".join(f"next: {c}" for c in summary["next"]))
 

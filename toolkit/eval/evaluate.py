@@ -27,8 +27,10 @@ from lftk.eval.methods import (
     DEFAULT_BASELINES,
     MODEL_METHOD,
     EvalSettings,
+    PIPELINE_BACKEND,
     PipelinePredictor,
     Predictor,
+    RunnerPredictor,
     check_baselines,
     make_baselines,
     make_items,
@@ -38,6 +40,7 @@ from lftk.eval.motion import MOTION_THRESHOLD, dilation_radius
 from lftk.eval.perceptual import load_lpips
 from lftk.model.postprocess import make_postprocess, parse_steps
 from lftk.eval.rollout import ROLLOUT_SAMPLES, run_rollout
+from lftk.runtime.resolution import pick_resolution
 from lftk.runtime.params import META_KEY as SAMPLING_KEY, SamplingParams
 from lftk.eval.scoring import COLUMNS, add_errors, build_target, row_base, score_prediction
 
@@ -118,23 +121,38 @@ def _load_model(model: str | Path, device: str):
     return ref, pipe, read_meta(ref.pipeline_dir)
 
 
-def _resolution(meta: dict, pipe) -> int:
-    size = meta.get("resolution") or pipe.vae.config.sample_size
-    size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    factor = pipe.vae_scale_factor
-    if size % factor:
-        raise LftkError(f"model resolution {size} is not a multiple of the VAE's downsampling factor {factor}")
-    return size
+def _open_runner(model: str | Path, backend: str, precision: str | None):
+    """(ModelRef, meta, Runner) for `lftk eval --backend`: the backend `lftk infer` opens for it."""
+    from lftk.model.base import read_meta
+    from lftk.model.resolve import resolve_model
+    from lftk.runtime.backends import open_backend
+    from lftk.runtime.runner import Runner
+
+    ref = resolve_model(model)
+    be = open_backend(model, backend, precision=precision)
+    return ref, read_meta(Path(be.pipeline_dir)), Runner.from_backend(be)
 
 
-def _setup(model: str | Path, device: str, baselines: Sequence[str], sampling: dict, **knobs):
+def _setup(model: str | Path, device: str, baselines: Sequence[str], sampling: dict, backend: str | None = None,
+           precision: str | None = None, **knobs):
     """Load the model; its settings (resolution and prompt template as trained, sampling parameters
     as recorded by the model unless given in `sampling`); the predictors of the model and the
-    baselines that can be had; {name: reason} for those that cannot; LPIPS or None."""
-    ref, pipe, meta = _load_model(model, device)
+    baselines that can be had; {name: reason} for those that cannot; LPIPS or None. `backend` None:
+    the model through diffusers' pipeline; torch | ort | trt: through lftk's runner on that backend."""
+    runner = None
+    if backend is None:
+        if precision is not None:
+            raise LftkError("--precision picks the graphs or engines of a backend: give --backend torch, ort or trt with it")
+        ref, pipe, meta = _load_model(model, device)
+        resolution = pick_resolution(ref.pipeline_dir, pipe)
+        ran_on = {"backend": PIPELINE_BACKEND, "precision": "fp32"}
+    else:
+        ref, meta, runner = _open_runner(model, backend, precision)
+        resolution = runner.resolution
+        ran_on = {"backend": runner.backend.name, "precision": getattr(runner.backend, "precision", "fp32")}
     params = SamplingParams.for_model(meta, **sampling)
     settings = EvalSettings(
-        resolution=_resolution(meta, pipe),
+        resolution=resolution,
         prompt_template=meta.get("prompt_template") or DEFAULT_TEMPLATE,
         device=device,
         steps=params.steps,
@@ -142,10 +160,12 @@ def _setup(model: str | Path, device: str, baselines: Sequence[str], sampling: d
         image_guidance=params.image_guidance,
         keep=params.keep,
         keep_objects=params.keep_objects,
+        **ran_on,
         **knobs,
     )
     template_fields(settings.prompt_template)  # a broken template fails here, not mid-run
-    methods: dict[str, Predictor] = {MODEL_METHOD: PipelinePredictor(pipe, settings)}
+    model_predictor = PipelinePredictor(pipe, settings) if runner is None else RunnerPredictor(runner, settings)
+    methods: dict[str, Predictor] = {MODEL_METHOD: model_predictor}
     baseline_predictors, unavailable = make_baselines(baselines, settings, meta)
     methods.update(baseline_predictors)
     lpips, why_not_lpips = load_lpips()
@@ -252,6 +272,8 @@ def evaluate(
     rollout_steps: int = 2,
     rollout_samples: int = ROLLOUT_SAMPLES,
     postprocess: Sequence[str] = (),
+    backend: str | None = None,
+    precision: str | None = None,
 ) -> dict:
     """Evaluate MODEL on `data/<split>`; writes OUT/report.json, report.md and figures, returns the report.
 
@@ -276,7 +298,7 @@ def evaluate(
     t0 = time.perf_counter()
     given = {"steps": steps, "guidance": guidance, "image_guidance": image_guidance, "keep": keep, "keep_objects": keep_objects}
     ref, meta, settings, methods, unavailable, lpips = _setup(
-        model, device, names, given, seed=seed, batch_size=batch_size,
+        model, device, names, given, backend=backend, precision=precision, seed=seed, batch_size=batch_size,
     )
     model_predict = methods[MODEL_METHOD]
     methods = with_postprocess(methods, post)
@@ -327,6 +349,8 @@ def evaluate(
             "image_guidance": settings.image_guidance,
             "keep": settings.keep,
             "keep_objects": settings.keep_objects,
+            "backend": settings.backend,
+            "precision": settings.precision,
             "sampling_from": _sampling_source(given, meta),
             "seed": seed,
             "max_samples": max_samples,

@@ -27,6 +27,9 @@ log = logging.getLogger(__name__)
 MODEL_METHOD = "model"  # the name the fine-tuned model's rows carry in reports
 
 
+PIPELINE_BACKEND = "diffusers pipeline"  # `lftk eval` without --backend: StableDiffusionInstructPix2PixPipeline
+
+
 @dataclass(frozen=True)
 class EvalSettings:
     resolution: int
@@ -39,6 +42,8 @@ class EvalSettings:
     device: str
     keep: float = 0.0  # lftk.runtime.keep's threshold; 0 = the model's frames as they are
     keep_objects: bool = False  # lftk.runtime.objects: put back objects the prediction dropped
+    backend: str = PIPELINE_BACKEND  # what ran the model: PIPELINE_BACKEND, or lftk's runner on torch | ort | trt
+    precision: str = "fp32"
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,25 @@ class PipelinePredictor:
         return list(preds)
 
 
+class RunnerPredictor:
+    """The model through lftk.runtime.runner.Runner over a backend (torch, ort or trt): the sampler,
+    graphs and engines `lftk infer` and `lftk serve` run, so the report scores what ships. Each item
+    keeps its own noise seed, so a frame here is the frame `lftk infer --seed` gives for that seed."""
+
+    def __init__(self, runner, settings: EvalSettings):
+        self.runner = runner
+        self.s = settings
+
+    def __call__(self, items: Sequence[EvalItem]) -> list[np.ndarray]:
+        images = np.stack([it.current for it in items])
+        out = self.runner.predict(
+            images, [it.pair.instruction for it in items], self.s.steps, self.s.guidance, self.s.image_guidance,
+            seed=[it.seed for it in items], horizon=[it.pair.horizon for it in items],
+            keep=self.s.keep, keep_objects=self.s.keep_objects,
+        )
+        return list(out)
+
+
 def redraw(pipe, frames: np.ndarray) -> np.ndarray:
     """(B, R, R, 3) uint8 frames as the pipeline's VAE redraws them (decode of the encoder's mode)."""
     import torch
@@ -172,14 +196,14 @@ def load_base_pipeline(meta: dict, device: str):
     the current dir, as training read them) or a hub id, used only if already in the local cache:
     evaluation never downloads.
     """
-    from lftk.model.base import load_pipeline
+    from lftk.model.base import load_pipeline, looks_like_hub_id
 
     base = meta.get("base")
     if not base:
         return None, "the model records no base (no 'base' in lftk_model.json): it is not a fine-tuned run"
     local = Path(str(base)).expanduser()
     if not local.exists():
-        if str(base).startswith((".", "/", "~")) or str(base).count("/") != 1:
+        if not looks_like_hub_id(base):
             return None, f"base model dir {base} not found (relative to {Path.cwd()})"
         cached = _hub_snapshot(str(base))
         if cached is None:

@@ -113,13 +113,14 @@ class Metric:
     fn: Callable[[np.ndarray, np.ndarray], float]
 
 
-def _psnr_value(pred: np.ndarray, truth: np.ndarray) -> float:
+def psnr_db(pred: np.ndarray, truth: np.ndarray) -> float:
+    """PSNR in dB capped at PSNR_CAP_DB: the figure of eval, export parity, bench and infer alike."""
     return psnr(pred, truth)[0]
 
 
 METRICS: tuple[Metric, ...] = (
     Metric("ssim", "SSIM", True, ssim),
-    Metric("psnr", "PSNR (dB)", True, _psnr_value),
+    Metric("psnr", "PSNR (dB)", True, psnr_db),
     Metric("mse", "MSE", False, mse),
 )
 

@@ -163,7 +163,8 @@ def render_markdown(report: dict) -> str:
         f"# lftk eval: `{report['model']}`",
         "",
         f"{report['n_samples']} samples from {report['n_episodes']} episodes of split `{report['split']}` in "
-        f"`{report['data']}`, at {s['resolution']} px; {s['steps']} steps, guidance {s['guidance']}, "
+        f"`{report['data']}`, at {s['resolution']} px, on {s.get('backend', 'diffusers pipeline')} "
+        f"({s.get('precision', 'fp32')}); {s['steps']} steps, guidance {s['guidance']}, "
         f"image guidance {s['image_guidance']}{_keep_text(s.get('keep'), s.get('keep_objects'))} ({s.get('sampling_from', 'given')}), seed {s['seed']}.",
         f"Mean [95% interval]: bootstrap over episodes ({report['bootstrap']['resamples']} resamples); "
         "n/a where a metric does not apply; with few episodes the intervals are coarse.",

@@ -15,12 +15,13 @@ import torch
 
 from lftk.jsonfile import read_object
 from lftk.errors import LftkError
+from lftk.runtime.layout import MODEL_META
 from lftk.model.components import build_components, make_scheduler, preset_spec
 
 log = logging.getLogger(__name__)
 
 PIPELINE_CLASS = "StableDiffusionInstructPix2PixPipeline"
-LFTK_META = "lftk_model.json"  # what lftk knows about a pipeline dir (preset, training, resolution...)
+LFTK_META = MODEL_META  # what lftk knows about a pipeline dir (preset, training, resolution...)
 
 
 def assemble_pipeline(unet, vae, text_encoder, tokenizer, scheduler=None):
@@ -102,6 +103,12 @@ def init_base(
     return out, meta
 
 
+def looks_like_hub_id(ref: str | Path) -> bool:
+    """Whether a model reference that is not a dir here reads as a hub id ("owner/name"), not a path."""
+    ref = str(ref)
+    return not ref.startswith((".", "/", "~")) and ref.count("/") == 1
+
+
 def load_pipeline(ref: str | Path, dtype: torch.dtype = torch.float32, revision: str | None = None):
     """Load an InstructPix2Pix pipeline from a local dir or a hub id; a clear error otherwise."""
     from diffusers import StableDiffusionInstructPix2PixPipeline
@@ -112,8 +119,7 @@ def load_pipeline(ref: str | Path, dtype: torch.dtype = torch.float32, revision:
     local = Path(ref)
     if local.exists() and not (local / "model_index.json").is_file():
         raise LftkError(f"{ref}: not a diffusers pipeline dir (no model_index.json)")
-    looks_local = local.exists() or ref.startswith((".", "/", "~")) or ref.count("/") != 1
-    if looks_local and not local.exists():
+    if not local.exists() and not looks_like_hub_id(ref):
         raise LftkError(f"{ref}: model dir not found")
     try:
         pipe = StableDiffusionInstructPix2PixPipeline.from_pretrained(

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lftk.errors import LftkError
+from lftk.runtime.layout import MANIFEST, MODEL_INDEX, PIPELINE_DIR, RUN_CONFIG, RUN_FINAL
 
 
 @dataclass(frozen=True)
@@ -19,14 +20,14 @@ def resolve_model(ref: str | Path) -> ModelRef:
     path = Path(ref)
     if not path.exists():
         raise LftkError(f"{ref}: no such model dir (expected a run dir, a pipeline dir or an export dir)")
-    if (path / "manifest.json").is_file():
-        pipe = path / "pipeline"
-        return ModelRef("export", path, pipe if (pipe / "model_index.json").is_file() else None)
-    if (path / "model_index.json").is_file():
+    if (path / MANIFEST).is_file():
+        pipe = path / PIPELINE_DIR
+        return ModelRef("export", path, pipe if (pipe / MODEL_INDEX).is_file() else None)
+    if (path / MODEL_INDEX).is_file():
         return ModelRef("pipeline", path, path)
-    if (path / "resolved_config.yaml").is_file():
-        final = path / "final"
-        if not (final / "model_index.json").is_file():
+    if (path / RUN_CONFIG).is_file():
+        final = path / RUN_FINAL
+        if not (final / MODEL_INDEX).is_file():
             raise LftkError(f"{ref}: run has no final model yet (train it to the end, or pass a checkpoint's export)")
         return ModelRef("run", path, final)
     raise LftkError(

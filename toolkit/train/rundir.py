@@ -13,6 +13,7 @@ import yaml
 from lftk import atomic
 from lftk.config import Recipe, dump_recipe
 from lftk.errors import LftkError
+from lftk.runtime.layout import RUN_CHECKPOINTS, RUN_CONFIG, RUN_FINAL, RUN_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -20,11 +21,11 @@ log = logging.getLogger(__name__)
 class RunDir:
     def __init__(self, root: Path | str):
         self.root = Path(root)
-        self.config = self.root / "resolved_config.yaml"
-        self.metrics = self.root / "metrics.jsonl"
+        self.config = self.root / RUN_CONFIG
+        self.metrics = self.root / RUN_METRICS
         self.loss_png = self.root / "loss.png"
-        self.checkpoints = self.root / "checkpoints"
-        self.final = self.root / "final"
+        self.checkpoints = self.root / RUN_CHECKPOINTS
+        self.final = self.root / RUN_FINAL
         self.tensorboard = None  # lftk.eval.val.TensorBoardLog on rank 0 (a no-op without the package)
 
     def create(self, recipe: Recipe, resume: bool) -> None:

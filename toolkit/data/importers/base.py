@@ -30,7 +30,7 @@ from lftk.errors import LftkError
 
 log = logging.getLogger(__name__)
 
-TOOLKIT_FPS = 10  # DESIGN.md: horizon 100 frames = 10 s, which holds only at this rate
+TOOLKIT_FPS = 10  # lftk's horizon of 100 frames is 10 s ahead, which holds only at this rate
 SUMMARY_NAME = "import.json"
 EXTRA_DIGITS = 6  # per-frame joint/end-effector values: 1e-6 rad or m is far below anything a frame shows
 

@@ -2,7 +2,7 @@
 
 `predict` batches all frames x the three guidance branches into one UNet call per step;
 `rollout` feeds each prediction back in as the next current frame (t+Δ, t+2Δ, ...). The sampling
-itself is `lftk.export.sampling.IP2PSampler`, the loop the export parity check also runs, so a
+itself is `lftk.runtime.sampler.IP2PSampler`, the loop the export parity check also runs, so a
 backend that passes parity behaves here as it did there.
 
 Seeds: `predict(seed=s)` draws its noise from a generator seeded with s; rollout frame k (1-based)
@@ -21,8 +21,8 @@ import torch
 from lftk.errors import LftkError
 from lftk.runtime.keep import keep_current
 from lftk.runtime.params import SamplingParams
-from lftk.export.contract import MAX_FRAMES, TextEncoderContract
-from lftk.export.sampling import IP2PSampler, images_to_model, make_scheduler, model_to_unit, unit_to_uint8
+from lftk.runtime.contract import MAX_FRAMES, TextEncoderContract
+from lftk.runtime.sampler import IP2PSampler, images_to_model, make_scheduler, model_to_unit, unit_to_uint8
 
 log = logging.getLogger(__name__)
 

@@ -24,13 +24,11 @@ from pathlib import Path
 from lftk import atomic
 from lftk.atomic import sha256_file
 from lftk.errors import LftkError
+from lftk.runtime.layout import MANIFEST, ONNX_DIR, PIPELINE_DIR, TRT_DIR  # noqa: F401 (the export layout, re-exported)
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 FORMAT = "lftk-export/1"
-ONNX_DIR = "onnx"
-PIPELINE_DIR = "pipeline"
 
 
 def tool_versions() -> dict:

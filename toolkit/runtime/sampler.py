@@ -2,9 +2,9 @@
 
 The loop follows diffusers' `StableDiffusionInstructPix2PixPipeline` step for step (branch order,
 unscaled image latents, `scale_model_input`, the same generator draws), so that with torch modules
-it reproduces the pipeline's output for the same seed. It lives in `lftk.export` rather than
-`lftk.deploy` because the export parity check needs the same loop and export may not import deploy;
-the deploy runner builds on it. Frames and instructions (uint8, prompt templates, rollouts) are
+it reproduces the pipeline's output for the same seed. It is the one sampler of lftk
+(the runtime core, `lftk.runtime`): the export's parity check, `lftk eval --backend`, infer and
+serve all run this loop; the runner (`lftk.runtime.runner`) builds on it. Frames and instructions (uint8, prompt templates, rollouts) are
 the runner's business, not this module's.
 """
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from lftk.errors import LftkError
-from lftk.export.contract import CFG_BRANCHES, TEXT_SEQ_LEN
+from lftk.runtime.contract import CFG_BRANCHES, TEXT_SEQ_LEN
 
 SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",  # what InstructPix2Pix ships with

@@ -1,13 +1,17 @@
-"""Backends: the four network calls of InstructPix2Pix, answered by torch or by onnxruntime.
+"""Backends: the four network calls of InstructPix2Pix (text encoder, VAE encoder, UNet, VAE
+decoder), answered by torch, onnxruntime or TensorRT; `open_backend` is the one factory that picks
+and opens one for a model dir (`lftk eval --backend`, infer and serve).
 
 Backends differ only in how the networks are called; everything else (tokenizer, scheduler,
-guidance, rollouts) is the runner's, shared by all. Each backend also names the pipeline dir
-its tokenizer and scheduler config come from, its resolution and VAE scaling factor, and keeps
-per-network call timings (for timing.json and, later, `lftk bench`).
+guidance, keep rules, rollouts) is the runner's (`lftk.runtime.runner`), shared by all. Each backend
+also names the pipeline dir its tokenizer and scheduler config come from, its resolution and VAE
+scaling factor, and keeps per-network call timings (timing.json, `lftk bench`).
 
-Tensors cross this interface as host torch tensors (float32; token ids int64). The TensorRT
-backend copies them to the GPU per call; IO binding for onnxruntime on CUDA would slot in the same
-way, by overriding `_call`.
+Tensors go in as torch tensors (float32; token ids int64). The torch backend runs the contract's
+modules (`lftk.runtime.contract`) on its device; the ort backend binds inputs and outputs to
+buffers onnxruntime preallocates per shape (IO binding) and hands back a copy; the TensorRT backend
+keeps everything on the GPU: one CUDA stream for the four engines, one shared scratch pool, and a
+CUDA graph replaying the UNet step.
 """
 
 from __future__ import annotations
@@ -21,9 +25,9 @@ from typing import Sequence
 import torch
 
 from lftk.errors import LftkError, NotAvailableError
-from lftk.export.contract import COMPONENTS
-from lftk.export.manifest import PIPELINE_DIR, component_files, rebuild_hint, verify_manifest
-from lftk.export.ort_graph import DEFAULT_PROVIDERS, OrtGraph
+from lftk.runtime.contract import COMPONENTS
+from lftk.runtime.manifest import PIPELINE_DIR, component_files, rebuild_hint, verify_manifest
+from lftk.runtime.ort_graph import DEFAULT_PROVIDERS, OrtGraph
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +109,8 @@ class TorchBackend(Backend):
         precision: str = "fp32",
         compile: bool = False,
     ):
-        from lftk.export.contract import build_contracts
-        from lftk.export.onnx_export import pick_resolution
+        from lftk.runtime.contract import build_contracts
+        from lftk.runtime.resolution import pick_resolution
         from lftk.model.base import load_pipeline
 
         super().__init__()
@@ -221,8 +225,8 @@ class TrtBackend(_ExportBackend):
     name = "trt"
 
     def __init__(self, export_dir: Path, precision: str = "fp16", manifest: dict | None = None, cuda_graphs: bool = True):
-        from lftk.export.manifest import check_engines
-        from lftk.export.tensorrt import TrtEngine, require_tensorrt
+        from lftk.runtime.manifest import check_engines
+        from lftk.runtime.trt_engine import TrtEngine, require_tensorrt
 
         super().__init__()
         info = require_tensorrt()
@@ -260,7 +264,7 @@ class TrtBackend(_ExportBackend):
 def _onnx_precision(export_dir: Path, manifest: dict, precision: str) -> str:
     """`precision` if the export holds its ONNX graphs; LftkError naming what it holds otherwise
     (component_files alone would fall back to fp32 without a word)."""
-    from lftk.export.precision import Format, Precision, targets_in
+    from lftk.runtime.precision import Format, Precision, targets_in
 
     wanted = Precision.parse(precision).value
     held = [t.precision.value for t in targets_in(manifest) if t.format == Format.ONNX]
@@ -273,3 +277,37 @@ def _onnx_precision(export_dir: Path, manifest: dict, precision: str) -> str:
 
 
 BACKENDS = ("torch", "ort", "trt")
+
+
+def open_backend(
+    model: str | Path,
+    backend: str = "ort",
+    providers: Sequence[str] | None = None,
+    precision: str | None = None,
+    compile: bool = False,
+) -> Backend:
+    """The backend for MODEL: ORT and TensorRT need an export dir; torch takes any model (an export's
+    pipeline/ copy). `precision`: ONNX graphs for ort (default fp32), engines for trt (default fp16),
+    torch weights (fp32, fp16 on CUDA, bf16). `compile`: torch.compile the torch backend."""
+    if backend not in BACKENDS:
+        raise LftkError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
+    if compile and backend != "torch":
+        raise LftkError(f"--compile is for --backend torch (the {backend} backend runs prebuilt graphs)")
+    from lftk.model.resolve import resolve_model
+    from lftk.runtime.trt_engine import require_tensorrt
+
+    if backend == "trt":
+        require_tensorrt()  # before the model is even looked at: the reason here is the machine
+    ref = resolve_model(model)
+    if backend in ("ort", "trt"):
+        if ref.kind != "export":
+            raise LftkError(
+                f"{model} is a {ref.kind} dir; the {backend} backend runs exported graphs: run "
+                f"`lftk export {model} --onnx --out EXPORT_DIR` first, then pass --model EXPORT_DIR"
+            )
+        if backend == "trt":
+            return TrtBackend(ref.path, precision or "fp16")
+        return OrtBackend(ref.path, providers, precision=precision or "fp32")
+    if ref.pipeline_dir is None:
+        raise LftkError(f"{model}: export dir without its pipeline/ copy: the torch backend needs the diffusers weights")
+    return TorchBackend(ref.pipeline_dir, precision=precision or "fp32", compile=compile)
