@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     boot = Bootstrap(episodes)
     diff = boot.mean_ci([r["model_psnr"] - r["copy_psnr"] for r in rows], episodes)
     print(f"{len(rows)} {args.split} pairs from {len(set(episodes))} episodes, lftk infer --backend {args.backend}, "
-          f"guidance, steps and keep as the model records them")
+          f"steps, guidance and keep rules as the model records them")
     print("| | PSNR (dB) | 95% interval |\n| --- | --- | --- |")
     for name in ("model", "copy"):
         m = boot.mean_ci([r[f"{name}_psnr"] for r in rows], episodes)

@@ -41,8 +41,6 @@ def test_bench_times_torch_and_ort_and_checks_parity(bench):
         assert row["status"] == "ok", row
         for key in ("ms_per_unet_step", "ms_per_frame", "frames_per_s", "batched_frames_per_s", "peak_mem_mb", "size_mb"):
             assert row[key] > 0, (backend, key, row[key])
-        # frames/s and ms/frame are two views of the same rollout
-        assert row["frames_per_s"] == pytest.approx(1000 / row["ms_per_frame"], rel=0.01)
     assert _row(rows, "torch", "fp32")["parity_psnr_db"] is None  # the reference
     assert _row(rows, "ort", "fp32")["parity_psnr_db"] >= 40.0
 

@@ -16,6 +16,7 @@ from PIL import Image
 from lftk.runtime.backends import OrtBackend, TorchBackend
 from lftk.deploy.infer import run_infer
 from lftk.runtime.runner import Runner
+from lftk.runtime.sampler import model_to_unit
 from lftk.errors import LftkError, NotAvailableError
 from lftk.eval.metrics import psnr_db
 from lftk.export.parity import parity_image
@@ -69,8 +70,10 @@ def test_torch_runner_reproduces_the_diffusers_pipeline(torch_runner, torch_back
         callback_on_step_end=keep_latents,
     ).images
     latents = runner.denoise(frame[None], prompt, steps=steps, seed=7)
-    # Same noise draws and the same arithmetic; only float rounding may differ (latents here reach ~30).
-    torch.testing.assert_close(latents, final["latents"], rtol=1e-4, atol=1e-4)
+    # Same noise draws and the same arithmetic; only float rounding may differ (latents here reach ~30):
+    # on a venv built 2026-12-02, 1 of 1024 latents was 2.3e-4 off at HEAD and at the commit before, so
+    # the bound is 1e-3; the frames below must still match to one level.
+    torch.testing.assert_close(latents, final["latents"], rtol=1e-4, atol=1e-3)
     ours = runner.predict(frame[None], prompt, steps=steps, seed=7)
     ref_uint8 = (ref * 255).round().astype(np.uint8)
     assert ours.shape == ref_uint8.shape == (1, 64, 64, 3)
@@ -122,7 +125,7 @@ def test_ort_and_torch_runners_agree(ort_runner, torch_runner, frame):
     outs = []
     for runner in (ort_runner, torch_runner):
         latents = runner.denoise(frame[None], "beat the block", steps=STEPS, seed=1)
-        outs.append(runner.sampler.decode(latents).numpy() / 2 + 0.5)
+        outs.append(model_to_unit(runner.sampler.decode(latents)))  # frames in [0, 1], as the runner makes them
     assert psnr_db(*outs) >= 40.0
 
 

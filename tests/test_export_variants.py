@@ -80,10 +80,18 @@ def test_int8_psnr_and_size_are_recorded(int8_export, tiny_pairs_dir):
     assert lines[("int8", "unet")]["status"] == "ok" and lines[("int8", "unet")]["bytes"] == parity["unet_bytes"]
 
 
-def test_ort_backend_still_runs_the_export(int8_export):
-    from lftk.runtime.backends import OrtBackend
+def test_eval_scores_the_int8_graphs_beside_fp32_on_the_same_pairs(int8_export, tiny_pairs_dir, tmp_path):
+    """`lftk eval --backend ort --precision int8`: the quality cost of quantisation in eval's own table."""
+    from lftk.eval.evaluate import evaluate
 
-    assert OrtBackend(int8_export[0]).providers == ["CPUExecutionProvider"]
+    export = int8_export[0]
+    fp32 = evaluate(export, tiny_pairs_dir, tmp_path / "fp32", baselines=["copy"], steps=2, backend="ort")
+    int8 = evaluate(export, tiny_pairs_dir, tmp_path / "int8", baselines=["copy"], steps=2, backend="ort", precision="int8")
+    assert (fp32["settings"]["precision"], int8["settings"]["precision"]) == ("fp32", "int8")
+    model = {name: [r["metrics"]["model"]["psnr"] for r in rep["rows"]] for name, rep in (("fp32", fp32), ("int8", int8))}
+    assert model["fp32"] != model["int8"]  # the int8 UNet ran, not the fp32 graphs again
+    assert [r["metrics"]["copy"] for r in fp32["rows"]] == [r["metrics"]["copy"] for r in int8["rows"]]  # same pairs
+    assert "on ort (int8)" in (tmp_path / "int8" / "report.md").read_text()
 
 
 def test_fp16_variant_for_gpu_providers(tiny_export_dir, tmp_path, monkeypatch, capsys):
