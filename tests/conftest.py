@@ -75,6 +75,15 @@ def tiny_export_dir(tiny_pipeline_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def torch_runner(tiny_pipeline_dir):
+    """A Runner over the tiny pipeline's torch backend, fresh for each test module."""
+    from lftk.runtime.backends import TorchBackend
+    from lftk.runtime.runner import Runner
+
+    return Runner.from_backend(TorchBackend(tiny_pipeline_dir))
+
+
 @pytest.fixture(scope="session")
 def lora_run(tiny_pipeline_dir, tiny_pairs_dir, tmp_path_factory) -> Path:
     """A LoRA run dir as `lftk train` leaves it, without training: final/ with the merged UNet,

@@ -10,8 +10,6 @@ import pytest
 import torch
 
 from lftk.export.parity import parity_image
-from lftk.runtime.backends import TorchBackend
-from lftk.runtime.runner import Runner
 from lftk.runtime.sampler import images_to_model, model_to_unit, unit_to_uint8
 
 
@@ -24,12 +22,8 @@ def test_pixels_go_to_the_model_and_back_exactly():
     assert unit_to_uint8(model_to_unit(torch.full((1, 3, 1, 1), 3.0))).max() == 255  # clamped, not wrapped
 
 
-@pytest.fixture(scope="module")
-def runner(tiny_pipeline_dir) -> Runner:
-    return Runner.from_backend(TorchBackend(tiny_pipeline_dir))
-
-
-def test_the_samplers_output_on_the_tiny_preset_is_pinned(runner):
+def test_the_samplers_output_on_the_tiny_preset_is_pinned(torch_runner):
+    runner = torch_runner
     frames = parity_image(64, seed=0)
     latents = runner.denoise(frames, "stack the blocks", steps=2, seed=0)
     assert latents.shape == (1, 4, 16, 16)

@@ -6,8 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from lftk.runtime.backends import TorchBackend
-from lftk.runtime.runner import Runner
 from lftk.eval.methods import EvalItem, EvalSettings, PipelinePredictor, redraw
 from lftk.export.parity import parity_image
 from lftk.runtime.sampler import images_to_model, make_scheduler, model_to_unit, unit_to_uint8
@@ -28,11 +26,6 @@ def test_keep_takes_the_current_frame_where_the_prediction_matches_the_redrawn_o
     assert keep_unchanged(predicted, redrawn, current, 0) is predicted  # 0 = off
     with pytest.raises(ValueError, match="different shapes"):
         keep_unchanged(predicted, redrawn[:, :8], current, 30)
-
-
-@pytest.fixture(scope="module")
-def torch_runner(tiny_pipeline_dir) -> Runner:
-    return Runner.from_backend(TorchBackend(tiny_pipeline_dir))
 
 
 def test_the_runner_keeps_what_the_model_does_not_change(torch_runner):

@@ -55,13 +55,11 @@ def test_a_prediction_that_shows_every_object_is_returned_as_it_is():
         restore_dropped(predicted[:, :16], current)
 
 
-def test_the_runner_and_eval_put_back_the_same_objects(tiny_pipeline_dir):
-    from lftk.runtime.backends import TorchBackend
-    from lftk.runtime.runner import Runner
+def test_the_runner_and_eval_put_back_the_same_objects(tiny_pipeline_dir, torch_runner):
     from lftk.eval.methods import EvalItem, EvalSettings, PipelinePredictor
     from lftk.model.base import load_pipeline
 
-    runner = Runner.from_backend(TorchBackend(tiny_pipeline_dir))
+    runner = torch_runner
     frames = np.full((1, 64, 64, 3), TABLE, np.uint8)
     frames[0, 10:16, 10:16] = RED
     frames[0, 40:45, 30:35] = BLUE
