@@ -26,7 +26,8 @@ from lftk.data.pairset import PairSet, split_names
 from lftk.errors import LftkError
 from lftk.runtime.contract import ComponentContract
 from lftk.export.parity import ComponentNetworks
-from lftk.runtime.sampler import IP2PSampler, images_to_model
+from lftk.runtime.pixels import images_to_model
+from lftk.runtime.sampler import IP2PSampler
 from lftk.model.resolve import ModelRef
 from lftk.runtime.params import SamplingParams
 

@@ -23,7 +23,8 @@ from lftk.eval.metrics import psnr_db
 from lftk.errors import LftkError
 from lftk.runtime.contract import ComponentContract
 from lftk.runtime.ort_graph import DEFAULT_PROVIDERS, OrtGraph
-from lftk.runtime.sampler import IP2PSampler, images_to_model, model_to_unit
+from lftk.runtime.pixels import images_to_model, model_to_unit
+from lftk.runtime.sampler import IP2PSampler
 from lftk.runtime.params import SamplingParams
 
 log = logging.getLogger(__name__)

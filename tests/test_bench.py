@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -45,6 +46,22 @@ def test_bench_times_torch_and_ort_and_checks_parity(bench):
     assert _row(rows, "ort", "fp32")["parity_psnr_db"] >= 40.0
 
 
+def test_the_stock_diffusers_pipeline_is_the_peer_row(tiny_export_dir):
+    """The diffusers row: the stock pipeline on the export's weights, timed like the others; its frames
+    match lftk's torch row (same scheduler, steps, guidance, seed); every row says its speed-up over it."""
+    rows = run_bench(tiny_export_dir, ["torch", "diffusers", "ort"], **TINY)
+    assert [(r["backend"], r["precision"]) for r in rows][:2] == [("torch", "fp32"), ("diffusers", "fp32")]
+    peer = _row(rows, "diffusers", "fp32")
+    assert peer["status"] == "ok", peer
+    assert peer["ms_per_unet_step"] > 0 and peer["ms_per_frame"] > 0 and peer["providers"] == ["diffusers (cpu)"]
+    assert peer["parity_psnr_db"] >= 40.0, peer
+    assert peer["vs_diffusers"] == 1.0
+    for r in rows:
+        assert r["vs_diffusers"] == pytest.approx(peer["ms_per_frame"] / r["ms_per_frame"], rel=0.01)
+    table = format_table(rows)
+    assert "vs diffusers" in table.splitlines()[0] and re.search(r"^diffusers\s+fp32\s+ok", table, re.M)
+
+
 def test_trt_row_says_why_it_did_not_run(bench):
     rows, _ = bench
     trt = _row(rows, "trt", "-")
@@ -55,7 +72,7 @@ def test_trt_row_says_why_it_did_not_run(bench):
     except ImportError:
         has_trt = False
     assert trt["status"].startswith("not available: ")
-    assert ("TensorRT not installed" in trt["status"]) == (not has_trt)
+    assert ("the TensorRT Python package" in trt["status"]) == (not has_trt)
     assert trt["ms_per_unet_step"] is None and trt["parity_psnr_db"] is None
 
 
@@ -102,7 +119,7 @@ def test_bench_refuses_bad_input_and_tampered_exports(tiny_export_dir, tiny_pipe
 
 def test_engines_for_another_gpu_are_refused_in_their_row(tiny_export_dir, tmp_path, monkeypatch):
     """An export whose engine record names another TensorRT/GPU: the trt row is refused, not run."""
-    import lftk.deploy.bench as bench_mod
+    import lftk.deploy.bench.memory as bench_memory
     import lftk.runtime.trt_engine as trt_mod
 
     export = tmp_path / "export"
@@ -112,7 +129,7 @@ def test_engines_for_another_gpu_are_refused_in_their_row(tiny_export_dir, tmp_p
     write_manifest(export, manifest)
     here = {"tensorrt": "10.9.0", "cuda": True, "gpu": "here", "compute_capability": "8.9", "missing": []}
     monkeypatch.setattr(trt_mod, "machine", lambda: here)
-    monkeypatch.setattr(bench_mod, "_cuda_peak_reset", lambda: False)
+    monkeypatch.setattr(bench_memory, "cuda_peak_reset", lambda: False)
     (row,) = run_bench(export, ["trt"], **TINY)
     assert row["precision"] == "fp16"
     assert row["status"].startswith("refused: ") and "built with TensorRT 10.0.0" in row["status"]

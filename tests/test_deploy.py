@@ -16,7 +16,7 @@ from PIL import Image
 from lftk.runtime.backends import OrtBackend, TorchBackend
 from lftk.deploy.infer import run_infer
 from lftk.runtime.runner import Runner
-from lftk.runtime.sampler import model_to_unit
+from lftk.runtime.pixels import model_to_unit
 from lftk.errors import LftkError, NotAvailableError
 from lftk.eval.metrics import psnr_db
 from lftk.export.parity import parity_image

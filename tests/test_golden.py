@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lftk.export.parity import parity_image
-from lftk.runtime.sampler import images_to_model, model_to_unit, unit_to_uint8
+from lftk.runtime.pixels import images_to_model, model_to_unit, unit_to_uint8
 
 
 def test_pixels_go_to_the_model_and_back_exactly():

@@ -8,7 +8,8 @@ import torch
 
 from lftk.eval.methods import EvalItem, EvalSettings, PipelinePredictor, redraw
 from lftk.export.parity import parity_image
-from lftk.runtime.sampler import images_to_model, make_scheduler, model_to_unit, unit_to_uint8
+from lftk.runtime.pixels import images_to_model, model_to_unit, unit_to_uint8
+from lftk.runtime.sampler import make_scheduler
 from lftk.runtime.keep import keep_unchanged
 
 

@@ -467,7 +467,10 @@ def serve_cmd(
 @app.command("bench")
 def bench_cmd(
     model: str = typer.Option(..., "--model", help="Export dir; or a pipeline/run dir, whose torch rows alone can run."),
-    backends: str = typer.Option("torch,ort,trt", help="Comma-separated backends (one row per precision the export holds)."),
+    backends: str = typer.Option(
+        "torch,diffusers,ort,trt",
+        help="Comma-separated backends (one row per precision the export holds); diffusers: the stock pipeline, the peer.",
+    ),
     resolution: Optional[int] = typer.Option(
         None, help="Frame size in px for a pipeline/run dir (default: trained size, else the VAE's); an export has its own."
     ),

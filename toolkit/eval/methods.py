@@ -21,6 +21,7 @@ import numpy as np
 
 from lftk.data.pairset import Pair
 from lftk.errors import LftkError
+from lftk.runtime.pixels import unit_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,6 @@ def make_items(pairs: Sequence[Pair], settings: EvalSettings) -> list[EvalItem]:
     ]
 
 
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    """(B, H, W, 3) float in [0, 1] -> uint8, rounded the way diffusers rounds to PIL."""
-    return np.clip(np.round(images * 255.0), 0, 255).astype(np.uint8)
-
-
 class PipelinePredictor:
     """The stock StableDiffusionInstructPix2PixPipeline, one call per batch; then `keep` and
     `keep_objects` (`lftk.runtime.keep.keep_current`), as the runner does."""
@@ -107,7 +103,7 @@ class PipelinePredictor:
                 generator=generators,
                 output_type="np",
             )
-        preds = to_uint8(np.asarray(out.images))  # (B, R, R, 3)
+        preds = unit_to_uint8(np.asarray(out.images))  # (B, R, R, 3)
         if preds.shape[1:3] != items[0].current.shape[:2]:
             raise RuntimeError(f"pipeline returned {preds.shape[1:3]} frames for {items[0].current.shape[:2]} inputs")
         if self.s.keep > 0 or self.s.keep_objects:
@@ -147,7 +143,7 @@ def redraw(pipe, frames: np.ndarray) -> np.ndarray:
         vae = pipe.vae
         pixels = pipe.image_processor.preprocess([Image.fromarray(f, "RGB") for f in frames]).to(vae.device, vae.dtype)
         decoded = vae.decode(vae.encode(pixels).latent_dist.mode(), return_dict=False)[0]
-        return to_uint8(pipe.image_processor.postprocess(decoded, output_type="np"))
+        return unit_to_uint8(pipe.image_processor.postprocess(decoded, output_type="np"))
 
 
 def copy_predictor(items: Sequence[EvalItem]) -> list[np.ndarray]:

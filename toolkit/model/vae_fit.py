@@ -37,6 +37,7 @@ from lftk.data.images import load_rgb
 from lftk.data.inspect import spread_indices
 from lftk.model.colour import CHROMA_THRESHOLD, chroma_mask, normalised_weights
 from lftk.errors import LftkError
+from lftk.runtime.pixels import images_to_model, model_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +131,6 @@ def _spread(refs: Sequence[FrameRef], limit: int) -> list[FrameRef]:
     return [refs[i] for i in spread_indices(len(refs), limit)]
 
 
-def _to_tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # (N, 3, H, W) in [-1, 1]
-
-
 def reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, spec: VaeFitSpec) -> torch.Tensor:
     err = rec - x
     if spec.colour_weight <= 0:
@@ -147,9 +144,8 @@ def reconstruct(vae, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
     """(N, H, W, 3) uint8 through the VAE (posterior mean) and back, as uint8."""
     out = []
     for start in range(0, len(images), batch_size):
-        x = _to_tensor(images[start : start + batch_size])
-        rec = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-        out.append(((rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy())
+        x = images_to_model(images[start : start + batch_size])
+        out.append(model_to_uint8(vae.decode(vae.encode(x).latent_dist.mean).sample))
     return np.concatenate(out)
 
 
@@ -195,7 +191,7 @@ def fit_vae(vae, frames: Sequence[FrameRef], spec: VaeFitSpec, heldout: Sequence
     """Train `vae` in place on `frames`; returns the fit's figures (on `heldout` when given)."""
     rng = np.random.default_rng(seed)
     picks = _sample(frames, spec.max_frames, rng)
-    data = _to_tensor(np.stack([load_rgb(r.path, spec.resolution) for r in picks]))
+    data = images_to_model(np.stack([load_rgb(r.path, spec.resolution) for r in picks]))
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(vae.parameters(), lr=spec.lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=spec.lr, total_steps=spec.steps, pct_start=0.1)

@@ -285,10 +285,21 @@ def open_backend(
     providers: Sequence[str] | None = None,
     precision: str | None = None,
     compile: bool = False,
+    threads: int = 0,
+    resolution: int | None = None,
+    manifest: dict | None = None,
 ) -> Backend:
-    """The backend for MODEL: ORT and TensorRT need an export dir; torch takes any model (an export's
-    pipeline/ copy). `precision`: ONNX graphs for ort (default fp32), engines for trt (default fp16),
-    torch weights (fp32, fp16 on CUDA, bf16). `compile`: torch.compile the torch backend."""
+    """The backend for MODEL, the one factory infer, serve, eval and bench open backends with.
+
+    ORT and TensorRT need an export dir; torch takes any model (an export's pipeline/ copy).
+    `precision`: ONNX graphs for ort (default fp32), engines for trt (default fp16), torch weights
+    (fp32, fp16 on CUDA, bf16). `compile`: torch.compile the torch backend. `threads`: onnxruntime's
+    intra-op threads (0: its own choice). `resolution`: the torch backend's frame size (default: the
+    trained one; an export's is fixed by its manifest). `manifest`: one `verify_manifest` already
+    returned for this export (saves hashing the graphs again).
+
+    What this machine or this model dir lacks for the backend (a GPU, TensorRT, an export, the
+    pipeline copy) raises NotAvailableError, a LftkError naming the fix."""
     if backend not in BACKENDS:
         raise LftkError(f"unknown backend '{backend}': choose one of {', '.join(BACKENDS)}")
     if compile and backend != "torch":
@@ -301,13 +312,15 @@ def open_backend(
     ref = resolve_model(model)
     if backend in ("ort", "trt"):
         if ref.kind != "export":
-            raise LftkError(
+            raise NotAvailableError(
                 f"{model} is a {ref.kind} dir; the {backend} backend runs exported graphs: run "
                 f"`lftk export {model} --onnx --out EXPORT_DIR` first, then pass --model EXPORT_DIR"
             )
         if backend == "trt":
-            return TrtBackend(ref.path, precision or "fp16")
-        return OrtBackend(ref.path, providers, precision=precision or "fp32")
+            return TrtBackend(ref.path, precision or "fp16", manifest=manifest)
+        return OrtBackend(ref.path, providers, threads=threads, precision=precision or "fp32", manifest=manifest)
     if ref.pipeline_dir is None:
-        raise LftkError(f"{model}: export dir without its pipeline/ copy: the torch backend needs the diffusers weights")
-    return TorchBackend(ref.pipeline_dir, precision=precision or "fp32", compile=compile)
+        raise NotAvailableError(
+            f"{model}: export dir without its pipeline/ copy: the torch backend needs the diffusers weights"
+        )
+    return TorchBackend(ref.pipeline_dir, resolution, precision=precision or "fp32", compile=compile)

@@ -22,7 +22,8 @@ from lftk.errors import LftkError
 from lftk.runtime.keep import keep_current
 from lftk.runtime.params import SamplingParams
 from lftk.runtime.contract import MAX_FRAMES, TextEncoderContract
-from lftk.runtime.sampler import IP2PSampler, images_to_model, make_scheduler, model_to_unit, unit_to_uint8
+from lftk.runtime.pixels import images_to_model, model_to_uint8
+from lftk.runtime.sampler import IP2PSampler, make_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -212,8 +213,8 @@ class Runner:
                 current = self.backend.encode_image(images_to_model(images))
         latents = self.denoise(images, instruction, steps, guidance, image_guidance, seed, horizon, current)
         with torch.inference_mode():
-            out = unit_to_uint8(model_to_unit(self.sampler.decode(latents)))
-            redrawn = None if current is None else unit_to_uint8(model_to_unit(self.backend.decode(current)))
+            out = model_to_uint8(self.sampler.decode(latents))
+            redrawn = None if current is None else model_to_uint8(self.backend.decode(current))
             out = keep_current(out, np.asarray(images), redrawn, threshold, objects)
         return self.postprocess(out, np.asarray(images)) if self.postprocess else out
 
@@ -227,11 +228,16 @@ class Runner:
         image_guidance: float | None = None,
         seed: int = 0,
         horizon: int | None = None,
+        *,
+        keep: float | None = None,
+        keep_objects: bool | None = None,
     ) -> list[np.ndarray]:
         """(H, W, 3) uint8 -> `frames` predictions, each made from the one before (uint8, as saved).
-        `horizon`: the step Δ in frames, for a model trained on several (default: the largest)."""
+        `horizon`: the step Δ in frames, for a model trained on several (default: the largest).
+        `keep`, `keep_objects`: as in `predict`, for every step."""
         return self.rollout_many(
-            np.asarray(image)[None], [instruction], [frames], steps, guidance, image_guidance, [seed], horizon
+            np.asarray(image)[None], [instruction], [frames], steps, guidance, image_guidance, [seed], horizon,
+            keep=keep, keep_objects=keep_objects,
         )[0]
 
     def rollout_many(
@@ -244,6 +250,9 @@ class Runner:
         image_guidance: float | None = None,
         seeds: Sequence[int] | None = None,
         horizon: int | None | Sequence[int | None] = None,
+        *,
+        keep: float | None = None,
+        keep_objects: bool | None = None,
     ) -> list[list[np.ndarray]]:
         """Rollouts of B start frames at once: (B, H, W, 3) uint8, one instruction, length, seed (and horizon) each
         -> B lists of predictions. Step k runs the still-unfinished rollouts in one batch, so B rollouts
@@ -266,7 +275,7 @@ class Runner:
             active = [i for i in range(batch) if frames[i] > k]
             pred = self.predict(
                 current[active], [instructions[i] for i in active], steps, guidance, image_guidance,
-                [seeds[i] + k for i in active], [horizons[i] for i in active],
+                [seeds[i] + k for i in active], [horizons[i] for i in active], keep=keep, keep_objects=keep_objects,
             )
             for j, i in enumerate(active):
                 out[i].append(pred[j])
@@ -293,6 +302,9 @@ class Runner:
         guidance: float | None = None,
         image_guidance: float | None = None,
         seed: int = 0,
+        *,
+        keep: float | None = None,
+        keep_objects: bool | None = None,
     ) -> list[np.ndarray]:
         """(H, W, 3) uint8 -> one prediction per horizon (frames ahead), all from this frame, in one batch.
         Needs a model trained with `{horizon}` in its prompt template (several horizons per pair dir)."""
@@ -300,7 +312,8 @@ class Runner:
         if not horizons:
             raise LftkError("sweep: no horizons given")
         batch = np.repeat(np.asarray(image)[None], len(horizons), axis=0)
-        pred = self.predict(batch, instruction, steps, guidance, image_guidance, [seed] * len(horizons), list(horizons))
+        pred = self.predict(batch, instruction, steps, guidance, image_guidance, [seed] * len(horizons), list(horizons),
+                            keep=keep, keep_objects=keep_objects)
         return list(pred)
 
 

@@ -14,7 +14,6 @@ import copy
 import inspect
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from lftk.errors import LftkError
@@ -63,21 +62,6 @@ def tokenize(tokenizer, prompts: list[str]) -> torch.Tensor:
     """(N, 77) int64 ids, padded and truncated the way the diffusers pipeline does it."""
     ids = tokenizer(prompts, padding="max_length", max_length=TEXT_SEQ_LEN, truncation=True, return_tensors="pt")
     return ids.input_ids.to(torch.int64)
-
-
-def images_to_model(images: np.ndarray) -> torch.Tensor:
-    """(B, H, W, 3) uint8 -> (B, 3, H, W) float32 in [-1, 1], with diffusers' own arithmetic."""
-    unit = torch.from_numpy(np.array(images, dtype=np.uint8)).to(torch.float32) / 255.0  # copy: inputs may be read-only
-    return (2.0 * unit - 1.0).permute(0, 3, 1, 2).contiguous()
-
-
-def model_to_unit(images: torch.Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) float32 in [0, 1]."""
-    return (images / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).float().cpu().numpy()
-
-
-def unit_to_uint8(images: np.ndarray) -> np.ndarray:
-    return (images * 255).round().astype(np.uint8)
 
 
 def _step_kwargs(scheduler, generator: torch.Generator | None, eta: float) -> dict:

@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from lftk.data.images import load_rgb
 from lftk.data.pairset import PairSet, template_fields
 from lftk.errors import LftkError
+from lftk.runtime.pixels import image_to_model
 
 TEMPLATE_KEY = "data.prompt_template"
 
@@ -65,7 +66,7 @@ class PairDataset(Dataset):
 
     def _pixels(self, path: str) -> torch.Tensor:
         arr = load_rgb(path, self.resolution)  # (H, W, 3) uint8
-        return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div(127.5).sub(1.0)  # (3, H, W) in [-1, 1]
+        return image_to_model(arr)  # (3, H, W) in [-1, 1]
 
     def tokenize(self, text: str) -> torch.Tensor:
         ids = self.tokenizer(
