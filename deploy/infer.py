@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 
 from lftk.data.images import load_rgb, save_rgb
-from lftk.runtime.backends import open_backend
+from lftk.predictor import load
 from lftk.runtime.runner import Runner
 from lftk.errors import LftkError, NotAvailableError
 from lftk.runtime.contract import CFG_BRANCHES
@@ -99,34 +99,6 @@ def _offsets(runner: Runner, mode: str, frames: int, horizons: Sequence[int] | N
     return [None if step is None else step * k for k in range(1, frames + 1)]
 
 
-MAX_UPSCALE = 4  # a frame may be upscaled up to 4x to the model's side; smaller ones hold too little to predict from
-
-
-def check_frame(path: Path | str, resolution: int) -> Path | str:
-    """`path`, or LftkError when its shorter side is under resolution / MAX_UPSCALE (read from the header)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            side = min(im.size)
-    except Exception:  # unreadable: load_rgb names the file and the reason
-        return path
-    if side * MAX_UPSCALE < resolution:
-        raise LftkError(
-            f"{path}: {side} px on its shorter side; the model works at {resolution} px and lftk upscales frames at "
-            f"most {MAX_UPSCALE}x (at least {-(-resolution // MAX_UPSCALE)} px)"
-        )
-    return path
-
-
-def warn_long_instruction(tokenizer, instruction: str) -> None:
-    """CLIP reads `model_max_length` tokens (77): say so when an instruction is cut there."""
-    limit = getattr(tokenizer, "model_max_length", 77)
-    n = len(tokenizer(instruction, truncation=False)["input_ids"])
-    if n > limit:
-        log.warning("the instruction has %d tokens: the text encoder reads the first %d, the rest is cut", n, limit)
-
-
 def run_infer(
     model: str | Path,
     image: Path | None,
@@ -165,7 +137,7 @@ def run_infer(
         raise LftkError(f"unknown mode '{mode}': choose one of {', '.join(MODES)}")
     if frames < 1 or (steps is not None and steps < 1):
         raise LftkError(f"--frames and --steps must be >= 1 (got frames={frames}, steps={steps})")
-    post = make_postprocess(postprocess)  # a typo fails before the model loads
+    make_postprocess(postprocess)  # a typo fails before the episode or the model is opened
     ep = _open_episode(episode, start_frame) if episode is not None else None
     if ep is not None:
         image = image or ep.frame_paths[start_frame]
@@ -177,24 +149,24 @@ def run_infer(
     out = Path(out)
 
     t0 = time.perf_counter()
-    be = open_backend(model, backend, precision=precision, compile=compile)
-    runner = Runner.from_backend(be, scheduler)
-    runner.postprocess = post
-    current = load_rgb(check_frame(image, runner.resolution), runner.resolution)
-    warn_long_instruction(runner.tokenizer, instruction)
+    predictor = load(model, backend, precision=precision, scheduler=scheduler, compile=compile, postprocess=postprocess)
+    runner, be = predictor.runner, predictor.backend
+    current = predictor.frame(image)
     offsets = _offsets(runner, mode, frames, horizons)
-    runner.sampling = runner.sampling.overridden(keep=keep, keep_objects=keep_objects)  # every prediction keeps alike
-    params = runner.sampling.overridden(steps=steps, guidance=guidance, image_guidance=image_guidance)
+    params = runner.sampling.overridden(steps=steps, guidance=guidance, image_guidance=image_guidance, keep=keep,
+                                        keep_objects=keep_objects)
+    options = dict(steps=params.steps, guidance=params.guidance, image_guidance=params.image_guidance, seed=seed,
+                   keep=params.keep, keep_objects=params.keep_objects)
     steps, guidance, image_guidance = params.steps, params.guidance, params.image_guidance
     load_s = time.perf_counter() - t0
 
     be.reset_stats()
     t0 = time.perf_counter()
     if mode == "sweep":
-        predicted = runner.sweep(current, instruction, offsets, steps, guidance, image_guidance, seed)
-    else:
-        step = horizons[0] if horizons else None  # None: the model's own Δ
-        predicted = runner.rollout(current, instruction, frames, steps, guidance, image_guidance, seed, step)
+        predicted = predictor.sweep(current, instruction, offsets, **options)
+    else:  # horizon None: the model's own step
+        predicted = predictor.rollout(current, instruction, frames, horizon=horizons[0] if horizons else None, **options)
+    predicted = [np.asarray(f) for f in predicted]
     total_s = time.perf_counter() - t0
 
     names = _write_outputs(out, [current] + predicted)
@@ -226,7 +198,7 @@ def run_infer(
         "keep": params.keep,
         "keep_objects": params.keep_objects,
         "scheduler": scheduler,
-        "postprocess": list(getattr(post, "steps", ())),
+        "postprocess": list(getattr(runner.postprocess, "steps", ())),
         "load_seconds": round(load_s, 3),
         "total_seconds": round(total_s, 3),
         "ms_per_frame": round(1000 * total_s / n, 2),

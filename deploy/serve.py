@@ -280,16 +280,15 @@ def run_server(
     require_serve_extra()
     import uvicorn
 
-    from lftk.runtime.backends import open_backend
-    from lftk.runtime.runner import Runner
+    from lftk.predictor import load
 
     # python-multipart logs a warning per malformed body: a client could fill the log with them.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
     sock = bind_socket(host, port)
     try:
         t0 = time.perf_counter()
-        be = open_backend(model, backend, precision=precision)
-        runner = Runner.from_backend(be, scheduler)
+        predictor = load(model, backend, precision=precision, scheduler=scheduler)  # the Python API's loader
+        runner, be = predictor.runner, predictor.backend  # the batcher shares UNet calls across requests
         _warm_up(runner)
         log.info("model loaded and warmed up (%.1f s)", time.perf_counter() - t0)
         info = {
