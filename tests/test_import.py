@@ -81,7 +81,7 @@ def robotwin_root(root: Path) -> Path:
 
 
 def test_formats_table_lists_every_format_once():
-    assert list(FORMATS) == ["robotwin-hdf5", "robotwin-pkl", "frames", "video", "ip2p"]
+    assert list(FORMATS) == ["robotwin-hdf5", "robotwin-pkl", "frames", "video", "lerobot", "ip2p"]
     assert {f.writes for f in FORMATS.values()} == {"episodes", "pairs"}
     with pytest.raises(LftkError, match="did you mean 'frames'"):
         import_data(".", "x", "frame")

@@ -95,7 +95,11 @@ def data_import(
     out: Path = typer.Argument(..., help="Output: an episodes dir, or a pair dir for --format ip2p. Must not exist yet."),
     format: str = typer.Option(..., "--format", help=_import_formats()),
     instruction: Optional[str] = typer.Option(None, help="Instruction for everything imported (default: the source's, else the task name)."),
-    camera: str = typer.Option("head_camera", help="RoboTwin camera: head_camera | left_camera | right_camera | front_camera."),
+    camera: Optional[str] = typer.Option(
+        None, help="RoboTwin camera (head_camera (default) | left_camera | right_camera | front_camera); LeRobot camera "
+        "key, e.g. observation.images.top (default: the dataset's first).",
+    ),
+    episodes: Optional[str] = typer.Option(None, help="LeRobot: which episode indices, e.g. 0-9,15 (default: all)."),
     fps: Optional[float] = typer.Option(None, min=0.001, help="The source's frame rate (default: a video's own; other sources are taken as 10). Frames are resampled to 10 fps."),
     resolution: int = typer.Option(128, min=0, help="Frame side: centre-crop to a square, then resize. 0 keeps the source size."),
     horizon: int = typer.Option(100, min=0, help="Skip episodes with no two frames this far apart (as `lftk data pairs --horizon`)."),
@@ -106,19 +110,22 @@ def data_import(
         False, "--follow-links", help="Also read files that links or table paths place outside SRC (skipped by default)."
     ),
 ) -> None:
-    """Import real data. RoboTwin HDF5 and pickles, frame folders and videos become an episodes dir
+    """Import real data. RoboTwin HDF5 and pickles, LeRobot datasets, frame folders and videos become an episodes dir
     (OUT/<task>/episode<k>/<i>.jpg + episode.json, for `lftk data pairs`); InstructPix2Pix sample
     dirs and tables (ip2p) are pairs already and become a pair dir (OUT/<split>/<sample>/, to train on).
     Bad files are skipped with a warning naming them (--strict: the first one stops the import);
     OUT appears only once complete.
 
     Example: lftk data import ~/robotwin/block_hammer_beat data/episodes --format robotwin-hdf5
+
+    Example: lftk data import ~/datasets/aloha_static_coffee data/episodes --format lerobot --camera observation.images.cam_high
     """
     from lftk.data.importers import import_data
 
     summary = import_data(
         src, out, format, instruction=instruction, camera=camera, fps=fps, resolution=resolution,
         horizon=horizon, trust_pickle=trust_pickle, strict=strict, task=task, follow_links=follow_links,
+        episodes=episodes,
     )
     skipped = f"{len(summary['skipped'])} skipped" + (" (see the warnings)" if summary["skipped"] else "")
     if summary["kind"] == "pairs":

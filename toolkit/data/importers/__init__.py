@@ -33,6 +33,7 @@ FORMATS: dict[str, Format] = {
         Format("robotwin-pkl", "pkl", "episodes", (), "RoboTwin 1.x, one pickle per frame (needs --trust-pickle)"),
         Format("frames", "frames", "episodes", (), "one folder of numbered frames per episode"),
         Format("video", "video", "episodes", ("av",), "mp4/avi/webm/mkv/mov, one episode per file"),
+        Format("lerobot", "lerobot", "episodes", ("av", "pyarrow"), "a local LeRobot dataset dir (v3.0, v2.1), video or image cameras"),
         Format("ip2p", "ip2p", "pairs", (), "InstructPix2Pix sample dirs or a parquet/datasets table"),
     )
 }
@@ -60,9 +61,22 @@ def _check_needs(fmt: Format) -> None:
         )
 
 
+def _hub_hint(fmt: Format, src: str) -> str:
+    """For a missing SRC that reads like a hub id (owner/name): lftk reads local dirs, and how to get one."""
+    from lftk.model.base import looks_like_hub_id
+
+    if fmt.name != "lerobot" or not looks_like_hub_id(src):
+        return ""
+    return (
+        f" (it reads like a Hugging Face hub id: lftk imports a local copy and downloads nothing; e.g. "
+        f"`huggingface-cli download --repo-type dataset {src} --local-dir DIR`, then import DIR)"
+    )
+
+
 def import_data(src: Path | str, out: Path | str, format: str, **options) -> dict:
     """Import SRC into OUT; returns the summary (also written to OUT as import.json or pairs.json).
-    `options` are ImportOptions fields (instruction, camera, fps, resolution (0: keep), horizon, trust_pickle, strict, task)."""
+    `options` are ImportOptions fields (instruction, camera, fps, resolution (0: keep), horizon, trust_pickle, strict,
+    task, follow_links, episodes)."""
     from lftk.data.importers.base import Context, ImportOptions, Ledger, import_episodes
 
     fmt = get_format(format)
@@ -77,7 +91,7 @@ def import_data(src: Path | str, out: Path | str, format: str, **options) -> dic
         raise LftkError(f"--horizon {opts.horizon}: must be >= 0")
     src, out = Path(src), Path(out)
     if not src.exists():
-        raise LftkError(f"{src}: source not found")
+        raise LftkError(f"{src}: source not found{_hub_hint(fmt, str(src))}")
     if out.resolve() == src.resolve() or src.resolve() in out.resolve().parents:
         raise LftkError(f"{out}: OUT must not be inside SRC (a second import would read the first one's output)")
     _check_needs(fmt)

@@ -30,6 +30,7 @@ from lftk.errors import LftkError
 
 log = logging.getLogger(__name__)
 
+ROBOTWIN_CAMERA = "head_camera"  # the RoboTwin camera hdf5 and pkl read when --camera is not given
 TOOLKIT_FPS = 10  # lftk's horizon of 100 frames is 10 s ahead, which holds only at this rate
 SUMMARY_NAME = "import.json"
 EXTRA_DIGITS = 6  # per-frame joint/end-effector values: 1e-6 rad or m is far below anything a frame shows
@@ -38,7 +39,7 @@ EXTRA_DIGITS = 6  # per-frame joint/end-effector values: 1e-6 rad or m is far be
 @dataclass(frozen=True)
 class ImportOptions:
     instruction: str | None = None  # the same instruction for every episode or pair
-    camera: str = "head_camera"  # RoboTwin camera (hdf5, pkl)
+    camera: str | None = None  # RoboTwin camera (hdf5, pkl; default head_camera), LeRobot camera key (default: its first)
     fps: float | None = None  # the source's frame rate, when the source does not say or says it wrong
     resolution: int | None = 128  # square side; None keeps the source size (no crop)
     horizon: int = 100  # episodes with no frame pair this far apart are useless to `lftk data pairs`
@@ -46,6 +47,7 @@ class ImportOptions:
     strict: bool = False
     task: str | None = None  # overrides the task name taken from the source's dirs
     follow_links: bool = False  # read files that links or table paths place outside SRC
+    episodes: str | None = None  # LeRobot: which episode indices, e.g. "0-9,15" (default: all)
 
 
 class BadSource(Exception):
@@ -367,7 +369,7 @@ def _summary(ctx: Context, written: dict[str, list[dict]], n_sources: int) -> di
         "kind": "episodes",
         "source_format": ctx.format,
         "source": str(ctx.src.resolve()),
-        "options": {"camera": opts.camera, "fps": opts.fps, "resolution": opts.resolution, "horizon": opts.horizon,
+        "options": {"camera": opts.camera, "episodes": opts.episodes, "fps": opts.fps, "resolution": opts.resolution, "horizon": opts.horizon,
                     "instruction": opts.instruction, "task": opts.task},
         "sources": n_sources,
         "episodes": len(metas),

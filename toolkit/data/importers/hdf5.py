@@ -22,6 +22,7 @@ from PIL import Image
 
 from lftk.data.images import decode_image_bytes
 from lftk.data.importers.base import (
+    ROBOTWIN_CAMERA,
     BadSource,
     Context,
     EpisodeSource,
@@ -128,7 +129,7 @@ def open_episode(path: Path, ctx: Context) -> Iterator[EpisodeSource]:
     except (OSError, ValueError) as exc:
         raise BadSource(path, f"not a readable HDF5 file ({exc})") from None
     try:
-        key = f"observation/{ctx.opts.camera}/rgb"
+        key = f"observation/{(ctx.opts.camera or ROBOTWIN_CAMERA)}/rgb"
         try:
             ds = f[key]
             extras = _per_frame_arrays(f, ds.shape[0])
@@ -140,7 +141,7 @@ def open_episode(path: Path, ctx: Context) -> Iterator[EpisodeSource]:
         decode = _decoder(ds, key)  # errors read "<file>: skipped: observation/head_camera/rgb[7]: ..."
         instruction, more = _instruction(instruction_file, task, ctx)
         frames = (Frame(j, None, partial(_load, path, decode, extras, j)) for j in range(ds.shape[0]))
-        meta = {"camera": ctx.opts.camera, **({"config": config} if config else {}), **more}
+        meta = {"camera": (ctx.opts.camera or ROBOTWIN_CAMERA), **({"config": config} if config else {}), **more}
         yield EpisodeSource(path, task, instruction, frames, source_rate(ctx.opts), meta)
     finally:
         f.close()

@@ -19,6 +19,7 @@ from PIL import Image
 
 from lftk.data.images import decode_image_bytes
 from lftk.data.importers.base import (
+    ROBOTWIN_CAMERA,
     BadSource,
     Context,
     EpisodeSource,
@@ -95,5 +96,5 @@ def _load(path: Path, camera: str, j: int) -> tuple[Image.Image, dict]:
 def open_episode(path: Path, ctx: Context) -> Iterator[EpisodeSource]:
     task = task_name(path.parent.name.removesuffix("_pkl"), ctx.opts)
     files = [ctx.inside(p) for p in natural_sorted(p for p in path.iterdir() if p.suffix.lower() in SUFFIXES and p.is_file())]
-    frames = (Frame(j, None, partial(_load, p, ctx.opts.camera, j)) for j, p in enumerate(files))
-    yield EpisodeSource(path, task, default_instruction(task, ctx.opts), frames, source_rate(ctx.opts), {"camera": ctx.opts.camera})
+    frames = (Frame(j, None, partial(_load, p, (ctx.opts.camera or ROBOTWIN_CAMERA), j)) for j, p in enumerate(files))
+    yield EpisodeSource(path, task, default_instruction(task, ctx.opts), frames, source_rate(ctx.opts), {"camera": (ctx.opts.camera or ROBOTWIN_CAMERA)})
