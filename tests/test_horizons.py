@@ -46,6 +46,7 @@ def test_several_horizons_one_per_pair_deterministic_and_at_its_offset(episodes_
     b = make_pairs(episodes_root, tmp_path / "b", horizon=[5, 10, 20], stride=2, seed=3)
     single = make_pairs(episodes_root, tmp_path / "single", horizon=5, stride=2, seed=3)
     assert a["horizons"] == list(HORIZONS) and "horizon" not in a  # a mix is never mistaken for one offset
+    assert (b["horizons"], b["per_horizon"], b["counts"]) == (a["horizons"], a["per_horizon"], a["counts"])  # any spelling
     assert single["horizon"] == 5 and single["horizons"] == [5]
     # One pair per start frame that fits the shortest horizon: as many as with that horizon alone.
     assert a["n_pairs"] == single["n_pairs"] == 2 * 3 * len(pair_starts(FRAMES, 5, 2))

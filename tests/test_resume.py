@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 from conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parent.parent

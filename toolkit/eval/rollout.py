@@ -96,6 +96,7 @@ def _run_batch(
     currents = [it.current for it in items]
     if first:
         result.strip.append((currents[0], currents[0]))
+    preds: list = []  # step k's input is step k-1's output
     for k in range(1, len(batch[0][1]) + 1):
         if k > 1:  # the model's own previous output is its input now; fresh noise per step
             items = [
