@@ -60,6 +60,21 @@ def test_v3_video_episodes_sharing_one_mp4_import_whole_and_in_order(tmp_path):
         _check_frames(d, ep, n)
 
 
+@pytest.mark.parametrize("name", ["v3-av1", "v3-image"])
+def test_datasets_written_by_lerobots_own_writer(name, tmp_path):
+    """v3.0 datasets made by the lerobot-dataset package (tests/data/lerobot/make.py): AV1 video with
+    three episodes back to back per camera, and PNG frames in the parquet; the second camera."""
+    src = Path(__file__).parent / "data" / "lerobot" / name
+    summary = import_data(src, tmp_path / "out", "lerobot", camera="observation.images.wrist", **OPTS)
+    assert (summary["episodes"], summary["frames"], summary["skipped"]) == (3, 30, [])
+    lengths = {0: 9, 1: 11, 2: 10}
+    for d, meta in _episodes(tmp_path / "out"):
+        ep = meta["episode_index"]
+        assert meta["frames"] == lengths[ep] and meta["instruction"] == TASKS[ep]
+        assert meta["observation.state"][-1] == [float(ep), float(lengths[ep] - 1)]
+        _check_frames(d, ep, lengths[ep], cam=1)
+
+
 def test_the_camera_option_picks_a_camera_and_an_unknown_one_lists_them(tmp_path):
     src = write_v3(tmp_path / "ds", [6, 7], TASKS[:2], cameras=("observation.images.top", "observation.images.wrist"))
     import_data(src, tmp_path / "out", "lerobot", camera="observation.images.wrist", **OPTS)
