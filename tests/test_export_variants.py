@@ -92,6 +92,15 @@ def test_eval_scores_the_int8_graphs_beside_fp32_on_the_same_pairs(int8_export, 
     assert model["fp32"] != model["int8"]  # the int8 UNet ran, not the fp32 graphs again
     assert [r["metrics"]["copy"] for r in fp32["rows"]] == [r["metrics"]["copy"] for r in int8["rows"]]  # same pairs
     assert "on ort (int8)" in (tmp_path / "int8" / "report.md").read_text()
+    # `lftk eval --compare`: int8 against fp32, paired over the same samples, each side named by its precision
+    from lftk.eval.compare import compare_reports, format_comparison
+
+    cmp = compare_reports(tmp_path / "fp32", tmp_path / "int8")
+    assert cmp["paired"] and cmp["n_common"] == len(fp32["rows"])
+    psnr = next(r for r in cmp["rows"] if r["metric"] == "psnr")
+    assert psnr["diff"]["mean"] == pytest.approx(np.mean(model["int8"]) - np.mean(model["fp32"]), abs=1e-6)
+    table = format_comparison(cmp)
+    assert "on ort (fp32)" in table.splitlines()[0] and "on ort (int8)" in table.splitlines()[1]
 
 
 def test_fp16_variant_for_gpu_providers(tiny_export_dir, tmp_path, monkeypatch, capsys):

@@ -72,9 +72,18 @@ def compare_reports(path_a: Path | str, path_b: Path | str, method: str = MODEL_
             sa, sb = float(np.mean([v for v, _ in va.values()])), float(np.mean([v for v, _ in vb.values()]))
         rows.append({"metric": col.name, "a": sa, "b": sb, "diff": diff})
     return {
-        "a": a["model"], "b": b["model"], "method": method, "paired": paired,
+        "a": _describe(a), "b": _describe(b), "method": method, "paired": paired,
         "n_common": len(common), "rows": rows,
     }
+
+
+def _describe(report: dict) -> str:
+    """The model and what scored it: two precisions of one export read apart in the table."""
+    s = report.get("settings", {})
+    how = [f"on {s['backend']} ({s.get('precision', 'fp32')})"] if s.get("backend") else []
+    if s.get("steps") is not None:
+        how.append(f"{s['steps']} steps")
+    return f"{report['model']}" + (f", {', '.join(how)}" if how else "")
 
 
 def format_comparison(cmp: dict) -> str:
