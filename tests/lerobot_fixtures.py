@@ -121,16 +121,18 @@ def write_v3(root: Path, lengths: list[int], tasks: list[str], cameras=("observa
     return root
 
 
-def write_v21(root: Path, lengths: list[int], tasks: list[str], cameras=("observation.images.top",)) -> Path:
-    """A v2.1 dataset: episodes.jsonl and tasks.jsonl, one parquet and one mp4 per episode and camera."""
+def write_v21(root: Path, lengths: list[int], tasks: list[str], cameras=("observation.images.top",),
+              dtype: str = "video") -> Path:
+    """A v2.1 dataset: episodes.jsonl and tasks.jsonl, one parquet per episode, and one mp4 per episode
+    and camera (dtype "video") or the frames' PNGs in the parquet (dtype "image")."""
     cameras = list(cameras)
     task_ids = {t: i for i, t in enumerate(dict.fromkeys(tasks))}
     info = {
         "codebase_version": "v2.1", "robot_type": "test", "fps": FPS, "chunks_size": 1000,
         "total_episodes": len(lengths), "total_frames": sum(lengths),
         "data_path": "data/chunk-{episode_chunk:03d}/episode_{episode_index:06d}.parquet",
-        "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4",
-        "features": _features(cameras, "video"),
+        "video_path": "videos/chunk-{episode_chunk:03d}/{video_key}/episode_{episode_index:06d}.mp4" if dtype == "video" else None,
+        "features": _features(cameras, dtype),
     }
     (root / "meta").mkdir(parents=True)
     (root / "meta" / "info.json").write_text(json.dumps(info, indent=2))
@@ -140,8 +142,9 @@ def write_v21(root: Path, lengths: list[int], tasks: list[str], cameras=("observ
     )
     start = 0
     for ep, (n, task) in enumerate(zip(lengths, tasks)):
-        _write_parquet(root / "data" / "chunk-000" / f"episode_{ep:06d}.parquet", _data_rows(ep, n, task_ids[task], start, None))
-        for c, cam in enumerate(cameras):
+        rows = _data_rows(ep, n, task_ids[task], start, cameras if dtype == "image" else None)
+        _write_parquet(root / "data" / "chunk-000" / f"episode_{ep:06d}.parquet", rows)
+        for c, cam in enumerate(cameras if dtype == "video" else []):
             _write_mp4(root / "videos" / "chunk-000" / cam / f"episode_{ep:06d}.mp4", [frame(ep, k, c) for k in range(n)])
         start += n
     return root

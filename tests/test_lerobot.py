@@ -104,6 +104,16 @@ def test_v3_image_features_in_the_parquet(tmp_path):
         _check_frames(d, meta["episode_index"], meta["frames"])
 
 
+def test_v21_image_features_and_two_cameras(tmp_path):
+    src = write_v21(tmp_path / "ds", [6, 7], TASKS[:2], cameras=("observation.images.top", "observation.images.wrist"),
+                    dtype="image")
+    summary = import_data(src, tmp_path / "out", "lerobot", camera="observation.images.wrist", **OPTS)
+    assert summary["episodes"] == 2 and summary["frames"] == 13 and not summary["skipped"]
+    for d, meta in _episodes(tmp_path / "out"):
+        assert meta["lerobot_version"] == "v2.1"
+        _check_frames(d, meta["episode_index"], meta["frames"], cam=1)
+
+
 def test_v21_one_mp4_per_episode_then_pairs(tmp_path):
     from lftk.data.pairs import make_pairs
 

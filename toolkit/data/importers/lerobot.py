@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import re
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from fractions import Fraction
@@ -54,7 +55,8 @@ class Dataset:
     vectors: tuple[str, ...]  # per-frame float features kept in episode.json
 
 
-_OPEN: dict[tuple, Dataset] = {}  # one import reads the metadata once (find, then every open_episode)
+# One import reads the metadata once (find, then every open_episode); the next import reads it afresh.
+_OPEN: "weakref.WeakKeyDictionary[Context, Dataset]" = weakref.WeakKeyDictionary()
 
 
 def _read_json(path: Path) -> dict:
@@ -114,10 +116,9 @@ def parse_episodes(spec: str | None, known: list[int]) -> list[int]:
 
 
 def open_dataset(ctx: Context) -> Dataset:
+    if ctx in _OPEN:
+        return _OPEN[ctx]
     root = ctx.src
-    key = (str(root.resolve()), ctx.opts.camera)
-    if key in _OPEN:
-        return _OPEN[key]
     if not root.is_dir():
         raise LftkError(f"{root}: a LeRobot dataset is a dir (meta/, data/, videos/)")
     info = _read_json(root / "meta" / "info.json")
@@ -150,8 +151,7 @@ def open_dataset(ctx: Context) -> Dataset:
         and k not in ("timestamp",)
     )
     ds = Dataset(root, version, fps, camera, features[camera]["dtype"], info, dict(sorted(episodes.items())), vectors)
-    _OPEN.clear()
-    _OPEN[key] = ds
+    _OPEN[ctx] = ds
     return ds
 
 
@@ -204,11 +204,10 @@ def _rows(ds: Dataset, idx: int, row: dict, path: Path, ctx: Context) -> dict[st
     file = ctx.inside(_data_file(ds, idx, row, path))
     if not file.is_file():
         raise BadSource(path, f"its data file {file.relative_to(ds.root)} is missing")
-    columns = [c for c in ("episode_index", "frame_index", *ds.vectors) if c]
-    if ds.camera_dtype == "image":
-        columns.append(ds.camera)
+    wanted = ["episode_index", "frame_index", *ds.vectors] + ([ds.camera] if ds.camera_dtype == "image" else [])
     try:
-        table = pq.read_table(file, columns=[c for c in columns if c in pq.read_schema(file).names])
+        present = set(pq.read_schema(file).names)
+        table = pq.read_table(file, columns=[c for c in wanted if c in present])
     except Exception as exc:
         raise BadSource(path, f"{file.relative_to(ds.root)}: not a readable parquet file ({exc})") from None
     if "episode_index" in table.column_names:
