@@ -94,6 +94,8 @@ def test_episode_selection(tmp_path):
         import_data(src, tmp_path / "out2", "lerobot", episodes="1,5", **OPTS)
     with pytest.raises(LftkError, match="not an index or a range"):
         import_data(src, tmp_path / "out3", "lerobot", episodes="a-b", **OPTS)
+    with pytest.raises(LftkError, match="--episodes picks LeRobot episodes; --format video has none"):
+        import_data(src, tmp_path / "out4", "video", episodes="0", **OPTS)
 
 
 def test_v3_image_features_in_the_parquet(tmp_path):

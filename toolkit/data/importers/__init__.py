@@ -89,6 +89,8 @@ def import_data(src: Path | str, out: Path | str, format: str, **options) -> dic
         raise LftkError(f"--fps {opts.fps}: a frame rate must be > 0")
     if opts.horizon < 0:
         raise LftkError(f"--horizon {opts.horizon}: must be >= 0")
+    if opts.episodes is not None and fmt.name != "lerobot":
+        raise LftkError(f"--episodes picks LeRobot episodes; --format {fmt.name} has none (import a subset dir instead)")
     src, out = Path(src), Path(out)
     if not src.exists():
         raise LftkError(f"{src}: source not found{_hub_hint(fmt, str(src))}")
