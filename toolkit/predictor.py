@@ -78,12 +78,6 @@ def warn_long_instruction(tokenizer, instruction: str) -> None:
         log.warning("the instruction has %d tokens: the text encoder reads the first %d, the rest is cut", n, limit)
 
 
-def _check_instruction(instruction: str) -> str:
-    if not isinstance(instruction, str) or not instruction.strip():
-        raise LftkError("the instruction is empty: say what the robot does, e.g. 'stack the blocks'")
-    return instruction
-
-
 class Predictor:
     """Future frames from one model on one backend. Not thread-safe: one predictor per thread
     (`lftk serve` batches concurrent requests onto one instead)."""
@@ -116,6 +110,13 @@ class Predictor:
         """`image` as the model sees it: (R, R, 3) uint8."""
         return to_frame(image, self.resolution)
 
+    def _inputs(self, image: ImageLike, instruction: str) -> np.ndarray:
+        """The frame, after the instruction is checked (empty: an error; longer than CLIP reads: a warning)."""
+        if not isinstance(instruction, str) or not instruction.strip():
+            raise LftkError("the instruction is empty: say what the robot does, e.g. 'stack the blocks'")
+        warn_long_instruction(self.runner.tokenizer, instruction)
+        return self.frame(image)
+
     def predict(
         self,
         image: ImageLike,
@@ -130,8 +131,7 @@ class Predictor:
         keep_objects: bool | None = None,
     ) -> Image.Image:
         """The frame `horizon` frames after `image` (default: the horizon the model was trained on)."""
-        current = self.frame(image)
-        warn_long_instruction(self.runner.tokenizer, _check_instruction(instruction))
+        current = self._inputs(image, instruction)
         out = self.runner.predict(current[None], instruction, steps, guidance, image_guidance, seed, horizon,
                                   keep=keep, keep_objects=keep_objects)
         return Image.fromarray(out[0], "RGB")
@@ -154,8 +154,7 @@ class Predictor:
         `lftk infer --mode rollout`'s frames for the same options)."""
         if frames < 1:
             raise LftkError(f"frames must be >= 1, got {frames}")
-        current = self.frame(image)
-        warn_long_instruction(self.runner.tokenizer, _check_instruction(instruction))
+        current = self._inputs(image, instruction)
         out = self.runner.rollout(current, instruction, frames, steps, guidance, image_guidance, seed, horizon,
                                   keep=keep, keep_objects=keep_objects)
         return [Image.fromarray(f, "RGB") for f in out]
@@ -174,8 +173,7 @@ class Predictor:
         keep_objects: bool | None = None,
     ) -> list[Image.Image]:
         """One prediction per horizon, all from `image`, in one batch (a horizon-conditioned model)."""
-        current = self.frame(image)
-        warn_long_instruction(self.runner.tokenizer, _check_instruction(instruction))
+        current = self._inputs(image, instruction)
         out = self.runner.sweep(current, instruction, [int(h) for h in horizons], steps, guidance, image_guidance, seed,
                                 keep=keep, keep_objects=keep_objects)
         return [Image.fromarray(f, "RGB") for f in out]
