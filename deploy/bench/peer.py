@@ -60,8 +60,8 @@ class PipelineRunner:
     """The stock pipeline behind the bench's runner calls (uint8 frames in and out)."""
 
     def __init__(self, pipeline_dir: Path, precision: str, resolution: int, scheduler: str):
-        from lftk.data.pairset import format_prompt
         from lftk.model.base import load_pipeline, read_meta
+        from lftk.runtime.runner import model_prompt, prompting
         from lftk.runtime.sampler import make_scheduler
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,10 +73,8 @@ class PipelineRunner:
         self.pipe.scheduler = make_scheduler(self.pipe.scheduler.config, scheduler)
         meta = read_meta(Path(pipeline_dir))
         self.sampling = SamplingParams.for_model(meta)
-        template = meta.get("prompt_template") or "{instruction}"
-        horizons = meta.get("horizons") or ([meta["horizon"]] if meta.get("horizon") else [])
-        horizon = max(horizons) if "{horizon}" in template and horizons else None
-        self._prompt = lambda instruction: format_prompt(template, instruction, horizon=horizon)
+        template, horizons = prompting(meta)
+        self._prompt = lambda instruction: model_prompt(template, horizons, instruction)  # as lftk's runner prompts
         self.resolution = int(resolution)
         self.backend = _UnetTimer(self.pipe.unet, device, precision)
 

@@ -41,12 +41,12 @@ from lftk.eval.perceptual import load_lpips
 from lftk.model.postprocess import make_postprocess, parse_steps
 from lftk.eval.rollout import ROLLOUT_SAMPLES, run_rollout
 from lftk.runtime.resolution import pick_resolution
+from lftk.runtime.runner import prompting
 from lftk.runtime.params import META_KEY as SAMPLING_KEY, SamplingParams
 from lftk.eval.scoring import COLUMNS, add_errors, build_target, row_base, score_prediction
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TEMPLATE = "{instruction}"
 GRID_ROWS = 8
 
 
@@ -153,7 +153,7 @@ def _setup(model: str | Path, device: str, baselines: Sequence[str], sampling: d
     params = SamplingParams.for_model(meta, **sampling)
     settings = EvalSettings(
         resolution=resolution,
-        prompt_template=meta.get("prompt_template") or DEFAULT_TEMPLATE,
+        prompt_template=prompting(meta)[0],
         device=device,
         steps=params.steps,
         guidance=params.guidance,
@@ -179,7 +179,7 @@ def _check_horizons(pairs: Sequence[Pair], template: str, meta: dict) -> None:
     pair's horizon), and a warning when the pairs look further ahead than the model was trained to."""
     for p in pairs:
         p.format(template)
-    trained = meta.get("horizons") or ([meta["horizon"]] if meta.get("horizon") else [])
+    trained = prompting(meta)[1]
     unseen = sorted({p.horizon for p in pairs if p.horizon is not None} - set(trained))
     if trained and unseen:
         log.warning("evaluating on horizon(s) %s the model was not trained on (trained: %s)", unseen, trained)

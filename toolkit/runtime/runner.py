@@ -28,6 +28,29 @@ from lftk.runtime.sampler import IP2PSampler, make_scheduler
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "{instruction}"
+
+
+def prompting(meta: dict) -> tuple[str, list[int]]:
+    """A model's prompt template and the horizons it was trained on, from its lftk_model.json."""
+    template = meta.get("prompt_template") or DEFAULT_TEMPLATE
+    horizons = meta.get("horizons") or ([meta["horizon"]] if meta.get("horizon") else [])
+    return template, sorted(int(h) for h in horizons)
+
+
+def model_prompt(template: str, horizons: Sequence[int], instruction: str, horizon: int | None = None) -> str:
+    """The text a model is conditioned on for `instruction`, `horizon` frames ahead (default: the
+    largest horizon trained on); a model without {horizon} in its template refuses other horizons."""
+    from lftk.data.pairset import format_prompt
+
+    if "{horizon}" not in template:
+        if horizon is not None and horizons and horizon not in horizons:
+            raise LftkError(
+                f"this model predicts {horizons[0]} frames ahead only (its prompt template "
+                f"{template!r} has no {{horizon}}); asked for {horizon}"
+            )
+        return format_prompt(template, instruction)
+    default = max(horizons) if horizons else None
+    return format_prompt(template, instruction, horizon=default if horizon is None else horizon)
 _EMBED_CACHE = 16  # instructions kept encoded; a rollout reuses one
 _TEXT_BATCH = TextEncoderContract.batch_profile.max  # prompts per text-encoder call (TensorRT's profile)
 
@@ -72,8 +95,7 @@ class Runner:
         tokenizer = CLIPTokenizer.from_pretrained(str(pipe_dir / "tokenizer"))
         config = _read_json(pipe_dir / "scheduler" / "scheduler_config.json")
         meta = read_meta(pipe_dir)
-        template = meta.get("prompt_template") or DEFAULT_TEMPLATE
-        horizons = meta.get("horizons") or ([meta["horizon"]] if meta.get("horizon") else [])
+        template, horizons = prompting(meta)
         return cls(
             backend,
             tokenizer,
@@ -91,16 +113,7 @@ class Runner:
         return max(self.horizons) if self.horizons else None
 
     def prompt(self, instruction: str, horizon: int | None = None) -> str:
-        from lftk.data.pairset import format_prompt
-
-        if "{horizon}" not in self.prompt_template:
-            if horizon is not None and self.horizons and horizon not in self.horizons:
-                raise LftkError(
-                    f"this model predicts {self.horizons[0]} frames ahead only (its prompt template "
-                    f"{self.prompt_template!r} has no {{horizon}}); asked for {horizon}"
-                )
-            return format_prompt(self.prompt_template, instruction)
-        return format_prompt(self.prompt_template, instruction, horizon=self.default_horizon if horizon is None else horizon)
+        return model_prompt(self.prompt_template, self.horizons, instruction, horizon)
 
     def _prompt_embeds(self, prompts: list[str]) -> torch.Tensor:
         """(T + 1, 77, D) for T prompts (+ the empty prompt last); one text-encoder call for the new ones."""
