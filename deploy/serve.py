@@ -126,7 +126,8 @@ def create_app(batcher: Batcher, limits: Limits, info: dict):
             sampling = batcher.runner.sampling.overridden(
                 steps=params.steps, guidance=params.guidance, image_guidance=params.image_guidance
             )
-            params = dataclasses.replace(params, **sampling.to_dict())  # the answer states what ran
+            ran = {**sampling.to_dict(), "scheduler": batcher.runner.scheduler_kind or sampling.scheduler}
+            params = dataclasses.replace(params, **ran)  # the answer states what ran
             job = Job(
                 image, params.instruction, params.frames, params.steps, params.guidance, params.image_guidance,
                 params.seed, params.horizon,
@@ -270,7 +271,7 @@ def run_server(
     port: int = 8000,
     backend: str = "ort",
     precision: str | None = None,
-    scheduler: str = "euler_a",
+    scheduler: str | None = None,
     max_batch: int = 16,
     batch_wait_ms: float = 10.0,
     max_queue: int = 64,
@@ -297,7 +298,7 @@ def run_server(
             "precision": getattr(be, "precision", "fp32"),
             "providers": be.providers,
             "resolution": runner.resolution,
-            "scheduler": scheduler,
+            "scheduler": predictor.scheduler,
             "horizons": runner.horizons,
             "max_batch": max_batch,
             "limits": vars(limits),

@@ -73,6 +73,7 @@ class Params:
     horizon: int | None = None  # frames ahead per step (a horizon-conditioned model); None: the model's
     keep: float | None = None  # not a request field: the model's own (lftk.runtime.keep), stated in the answer
     keep_objects: bool | None = None  # likewise (lftk.runtime.objects)
+    scheduler: str | None = None  # likewise: the server's (`lftk serve --scheduler`, else the model's)
 
 
 def parse_params(items: Iterable[tuple[str, str]], limits: Limits) -> Params:

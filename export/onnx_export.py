@@ -28,11 +28,11 @@ import torch
 from lftk.errors import LftkError
 from lftk.runtime.layout import LORA_DIR
 from lftk.runtime.resolution import pick_resolution
-from lftk.runtime.contract import ComponentContract, build_contracts
+from lftk.runtime.contract import ComponentContract, build_contracts, unet_branches
 from lftk.runtime.manifest import MANIFEST, ONNX_DIR, PIPELINE_DIR, file_record, pipeline_records, tool_versions, write_manifest
 from lftk.export.parity import check_parity, raise_on_failure
 from lftk.export.stages import Report, stage
-from lftk.model.base import load_pipeline, write_meta
+from lftk.model.base import load_pipeline, read_meta, write_meta
 from lftk.model.resolve import resolve_model
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ def export_onnx(
     with stage(report, "load", "pipeline") as st:
         pipe = pipe if pipe is not None else load_pipeline(pipeline_dir)
         res = pick_resolution(pipeline_dir, pipe, resolution)
-        contracts = build_contracts(pipe, res, dynamic_hw=dynamic_shape)
+        contracts = build_contracts(pipe, res, dynamic_hw=dynamic_shape, branches=unet_branches(read_meta(pipeline_dir)))
         st.done(pipeline_dir, f"{res} px" + (", dynamic H/W" if dynamic_shape else ""))
 
     components = {}

@@ -24,7 +24,7 @@ from pathlib import Path
 from lftk import atomic
 from lftk.errors import LftkError
 from lftk.export import calibration, trt_check, variants
-from lftk.runtime.contract import build_contracts
+from lftk.runtime.contract import build_contracts, unet_branches
 from lftk.runtime.manifest import (
     MANIFEST, PIPELINE_DIR, check_engines, graph_sha256, read_manifest, verify_manifest, write_manifest,
 )
@@ -101,7 +101,8 @@ def run_export(
         pipe = contracts = None
         if derived or trt:
             pipe = load_pipeline(out / PIPELINE_DIR)
-            contracts = build_contracts(pipe, int(manifest["resolution"]), bool(manifest.get("dynamic_shape")))
+            contracts = build_contracts(pipe, int(manifest["resolution"]), bool(manifest.get("dynamic_shape")),
+                                        unet_branches(read_meta(out / PIPELINE_DIR)))
         parity = json.loads((out / PARITY_FILE).read_text()) if (out / PARITY_FILE).is_file() else {}
         for row in derived:
             if not _to_build(row, onnx, trt, manifest):  # only a source of the engines: keep the graph already vetted

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import subprocess_env
 from safetensors.torch import load_file
@@ -14,9 +15,9 @@ REPO = Path(__file__).resolve().parent.parent
 UNET = "final/unet/diffusion_pytorch_model.safetensors"
 
 
-def _train(run: Path, pairs: Path, base: Path, *extra: str) -> None:
+def _train(run: Path, pairs: Path, base: Path, *extra: str, recipe: str = "recipes/demo.yaml") -> None:
     cmd = [
-        sys.executable, "-m", "lftk.cli", "train", "recipes/demo.yaml", f"output_dir={run}", f"data.path={pairs}",
+        sys.executable, "-m", "lftk.cli", "train", recipe, f"output_dir={run}", f"data.path={pairs}",
         f"model.base={base}", "max_steps=3", "train.lr=2e-3", "train.warmup_steps=0", "train.zero_stage=2",
         "train.conditioning_dropout=0.3", *extra,
     ]
@@ -24,9 +25,15 @@ def _train(run: Path, pairs: Path, base: Path, *extra: str) -> None:
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, tiny_pairs_dir, tiny_pipeline_dir):
-    _train(tmp_path / "one", tiny_pairs_dir, tiny_pipeline_dir, "train.batch_size=4")
-    _train(tmp_path / "two", tiny_pairs_dir, tiny_pipeline_dir, "train.batch_size=2", "--nproc", "2")
+# Distillation (recipes/demo-distill.yaml): the tiny pipeline is its own teacher; one tuned candidate.
+DISTILL = ("distill.teacher={base}", "train.conditioning_dropout=0.0", "sampling.keep=0", "sampling.keep_objects=false")
+
+
+@pytest.mark.parametrize("recipe", ["recipes/demo.yaml", "recipes/demo-distill.yaml"])
+def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, tiny_pairs_dir, tiny_pipeline_dir, recipe):
+    extra = [a.format(base=tiny_pipeline_dir) for a in DISTILL] if "distill" in recipe else []
+    _train(tmp_path / "one", tiny_pairs_dir, tiny_pipeline_dir, "train.batch_size=4", *extra, recipe=recipe)
+    _train(tmp_path / "two", tiny_pairs_dir, tiny_pipeline_dir, "train.batch_size=2", *extra, "--nproc", "2", recipe=recipe)
     one, two = load_file(tmp_path / "one" / UNET), load_file(tmp_path / "two" / UNET)
     base = load_file(tiny_pipeline_dir / "unet" / "diffusion_pytorch_model.safetensors")
     # Compare whole updates: Adam divides by sqrt(v), so a parameter whose gradient is ~0 can move by

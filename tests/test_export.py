@@ -50,7 +50,7 @@ def test_export_writes_the_artifact_set(tiny_export_dir):
     assert unet["inputs"][0]["shape"] == ["B", 8, 16, 16]
     assert unet["inputs"][1] == {"name": "timestep", "dtype": "float32", "shape": ["B"]}
     assert unet["outputs"][0]["name"] == "noise_pred"
-    assert unet["batch_profile"] == {"min": 3, "opt": 3, "max": 48}
+    assert unet["batch_profile"] == {"min": 1, "opt": 3, "max": 48}  # min 1: sampling without guidance branches
 
 
 def test_graphs_pass_checker_and_run_in_a_bare_session(tiny_export_dir):
@@ -176,7 +176,7 @@ def test_contract_is_abstract_and_shapes_agree(tiny_pipe):
         assert all(axes == {0: "batch"} for axes in c.dynamic_axes().values()), name
     unet = contracts["unet"]
     assert isinstance(unet, UnetContract)
-    assert unet.batch_profile.min % CFG_BRANCHES == 0 and unet.batch_profile.max % CFG_BRANCHES == 0
+    assert unet.batch_profile.opt == CFG_BRANCHES and unet.batch_profile.max % CFG_BRANCHES == 0 and unet.batch_profile.min == 1
     (ts,) = [t for t in unet.sample_inputs() if t.ndim == 1]
     assert ts.dtype == torch.float32 and not torch.equal(ts, ts.round())  # fractional timesteps
 

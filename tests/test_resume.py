@@ -8,14 +8,17 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import subprocess_env
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _cmd(run: Path, pairs: Path, base: Path, *extra: str) -> list[str]:
+def _cmd(run: Path, pairs: Path, base: Path, *extra: str, recipe: str = "recipes/demo.yaml") -> list[str]:
+    if "distill" in recipe:  # the tiny pipeline is its own teacher; one sampling candidate
+        extra = (f"distill.teacher={base}", "sampling.keep=0", "sampling.keep_objects=false", *extra)
     return [
-        sys.executable, "-m", "lftk.cli", "train", "recipes/demo.yaml", f"output_dir={run}", f"data.path={pairs}",
+        sys.executable, "-m", "lftk.cli", "train", recipe, f"output_dir={run}", f"data.path={pairs}",
         f"model.base={base}", "max_steps=14", "train.batch_size=2", "train.checkpoint_every=2",
         "train.log_every=1", "train.warmup_steps=4", "train.conditioning_dropout=0.3", *extra,
     ]
@@ -29,14 +32,15 @@ def _unet_bytes(run: Path) -> bytes:
     return (run / "final" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_pairs_dir, tiny_pipeline_dir):
+@pytest.mark.parametrize("recipe", ["recipes/demo.yaml", "recipes/demo-distill.yaml"])
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_pairs_dir, tiny_pipeline_dir, recipe):
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    res = subprocess.run(_cmd(straight, tiny_pairs_dir, tiny_pipeline_dir), cwd=REPO, env=_env(),
+    res = subprocess.run(_cmd(straight, tiny_pairs_dir, tiny_pipeline_dir, recipe=recipe), cwd=REPO, env=_env(),
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
 
     log = (tmp_path / "killed.log").open("w")
-    proc = subprocess.Popen(_cmd(killed, tiny_pairs_dir, tiny_pipeline_dir), cwd=REPO, env=_env(),
+    proc = subprocess.Popen(_cmd(killed, tiny_pairs_dir, tiny_pipeline_dir, recipe=recipe), cwd=REPO, env=_env(),
                             stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 300
     while not list((killed / "checkpoints").glob("step*/COMPLETE")):
@@ -47,7 +51,7 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_pairs_dir,
     proc.wait()
     assert not (killed / "final").exists(), "killed too late: the run had already finished"
 
-    res = subprocess.run(_cmd(killed, tiny_pairs_dir, tiny_pipeline_dir, "--resume"), cwd=REPO, env=_env(),
+    res = subprocess.run(_cmd(killed, tiny_pairs_dir, tiny_pipeline_dir, "--resume", recipe=recipe), cwd=REPO, env=_env(),
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert _unet_bytes(killed) == _unet_bytes(straight), "resumed weights differ from the uninterrupted run"

@@ -171,7 +171,7 @@ def test_predict_returns_the_runners_frames(server, runner, tmp_path):
     got = _frames(out)
     assert len(got) == 3
     assert out["params"] == {"instruction": "stack blocks", "frames": 3, "steps": 2, "seed": 7, "guidance": 7.5,
-                             "image_guidance": 1.5, "horizon": None, "keep": 0.0, "keep_objects": False}
+                             "image_guidance": 1.5, "horizon": None, "keep": 0.0, "keep_objects": False, "scheduler": "euler_a"}
     assert out["resolution"] == RES and out["timing"]["batch_size"] >= 1 and out["timing"]["compute_ms"] > 0
     (tmp_path / "f.png").write_bytes(png)
     want = runner.rollout(load_rgb(tmp_path / "f.png", RES), "stack blocks", 3, steps=2, seed=7)
@@ -311,6 +311,7 @@ class ScriptedRunner:
     resolution = 4
     prompt_template, horizons = "{instruction}", []
     sampling = SamplingParams()  # the model's defaults, as Runner.from_backend reads them
+    scheduler_kind = "euler_a"
 
     def prompt(self, instruction, horizon=None):
         return instruction

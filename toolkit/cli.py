@@ -387,7 +387,10 @@ def infer_cmd(
         None, "--keep-objects/--no-keep-objects",
         help="Put back objects of the current frame that the prediction dropped (default: the model's).",
     ),
-    scheduler: str = typer.Option("euler_a", help="euler_a (InstructPix2Pix's) | ddim | dpmpp (DPM-Solver++)."),
+    scheduler: Optional[str] = typer.Option(
+        None, help="euler_a (InstructPix2Pix's) | ddim | dpmpp (DPM-Solver++) | lcm (default: the model's: lcm for a "
+        "distilled student, else euler_a)."
+    ),
     postprocess: Optional[str] = typer.Option(None, help="color, sharpen or color,sharpen (off by default; README: Post-processing)."),
     episode: Optional[Path] = typer.Option(None, help="Episode dir: start from its frame and write its true frames beside the predictions."),
     start_frame: int = typer.Option(0, min=0, help="With --episode: the frame to start from."),
@@ -437,7 +440,10 @@ def serve_cmd(
     precision: Optional[str] = typer.Option(
         None, help="Graphs the export holds: ort fp32 (default) | fp16 | int8; trt engines fp16 (default) | int8."
     ),
-    scheduler: str = typer.Option("euler_a", help="euler_a (InstructPix2Pix's) | ddim | dpmpp (DPM-Solver++)."),
+    scheduler: Optional[str] = typer.Option(
+        None, help="euler_a (InstructPix2Pix's) | ddim | dpmpp (DPM-Solver++) | lcm (default: the model's: lcm for a "
+        "distilled student, else euler_a)."
+    ),
     max_batch: int = typer.Option(16, min=1, help="Most requests (start frames) batched into one runner call."),
     batch_wait_ms: float = typer.Option(
         10.0, min=0.0, help="How long an idle worker waits for more requests before it runs (latency vs batching)."
@@ -482,7 +488,10 @@ def bench_cmd(
         None, help="Frame size in px for a pipeline/run dir (default: trained size, else the VAE's); an export has its own."
     ),
     frames: int = typer.Option(15, help="Rollout length, and start frames batched into one call (at most 16)."),
-    steps: Optional[int] = typer.Option(None, help="Denoising steps per frame (default: a short run; the table says how many)."),
+    steps: Optional[str] = typer.Option(
+        None, help="Denoising steps per frame, or several (1,2,4: rows at each, a distilled student's trade-off); "
+        "default: a short run; the table says how many."
+    ),
     repeats: Optional[int] = typer.Option(None, help="Timed repeats per row, after warm-up; medians are reported."),
     threads: Optional[int] = typer.Option(
         None, help="Intra-op threads for torch and onnxruntime alike (default: each library's choice; on a busy CPU try 1)."
@@ -504,7 +513,7 @@ def bench_cmd(
     """
     from lftk.deploy.bench import format_table, run_bench
 
-    optional = {k: v for k, v in {"steps": steps, "repeats": repeats}.items() if v is not None}
+    optional = {k: v for k, v in {"steps": _int_list(steps, "--steps"), "repeats": repeats}.items() if v is not None}
     rows = run_bench(
         model, backends.split(","), frames=frames, json_path=json_path, log_path=log_path, threads=threads,
         compile=compile, resolution=resolution, **optional,

@@ -13,7 +13,8 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional, get_args, get_origin
+from types import UnionType
+from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -304,6 +305,38 @@ class SamplingConfig(Strict):
         return v
 
 
+class DistillConfig(Strict):
+    """Few-step distillation: a student learns, by latent consistency distillation (Luo et al. 2023,
+    "Latent Consistency Models"), to jump from any noise level of the teacher's DDIM grid straight to
+    the frame the teacher's guided sampler would end on. The teacher's three-branch InstructPix2Pix
+    guidance (text and image, image only, neither) is baked into the student at fixed scales: the
+    student runs one UNet call per step, with diffusers' LCMScheduler, at 1-4 steps. The student
+    starts from `model.base` (usually the teacher's own final/), trained in full or with LoRA like
+    any run."""
+
+    teacher: str = Field(description="The teacher: a run dir (its final/ is read) or a pipeline dir.")
+    steps: int = Field(2, ge=1, le=8, description="The student's sampling steps, recorded as its default.")
+    guidance: Optional[list[float]] = Field(
+        None, min_length=2, max_length=2,
+        description="[text, image] guidance scales baked into the student; null = the teacher's recorded ones "
+        "(its lftk_model.json sampling), else InstructPix2Pix's 7.5 / 1.5.",
+    )
+    solver_steps: int = Field(
+        50, ge=2, le=1000,
+        description="The teacher's DDIM grid (LCMScheduler's original_inference_steps): each training step moves "
+        "one grid step with the teacher and asks the student to land where it lands from there.",
+    )
+    loss: Literal["huber", "l2"] = Field("huber", description="Distance between the student and its target.")
+    huber_c: float = Field(0.001, gt=0, description="Pseudo-Huber constant (LCM's 0.001).")
+
+    @field_validator("guidance")
+    @classmethod
+    def _scales(cls, v):
+        if v is not None and any(not math.isfinite(x) or x < 0 for x in v):
+            raise ValueError("guidance scales must be finite and >= 0")
+        return v
+
+
 class Recipe(Strict):
     seed: int = Field(0, description="Seeds data order, noise, dropout.")
     output_dir: str = Field(description="Run dir (runs/NAME); created if missing.")
@@ -312,6 +345,7 @@ class Recipe(Strict):
     model: ModelConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    distill: Optional[DistillConfig] = Field(None, description="Distil a teacher into a few-step student (null: plain training).")
 
     @model_validator(mode="after")
     def _offload_needs_zero(self) -> "Recipe":
@@ -338,6 +372,21 @@ class Recipe(Strict):
                 )
         if problems:
             raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _distill_losses(self) -> "Recipe":
+        if self.distill is None:
+            return self
+        loss, problems = self.train.loss, []
+        for key in ("perceptual", "adversarial", "colour_weight"):
+            if getattr(loss, key) > 0:
+                problems.append(f"train.loss.{key}")
+        if loss.snr_gamma is not None:
+            problems.append("train.loss.snr_gamma")
+        if problems:
+            raise ValueError(f"distill: {', '.join(problems)} weigh the diffusion loss, which distillation does not "
+                             "train: set them to 0 (null for snr_gamma)")
         return self
 
     @model_validator(mode="after")
@@ -429,6 +478,8 @@ def _fields_at(path: tuple) -> list[str]:
         if field is None:
             return []
         model = field.annotation
+        if get_origin(model) in (Union, UnionType):  # Optional[Section]: the section
+            model = next((a for a in get_args(model) if isinstance(a, type) and issubclass(a, BaseModel)), None)
         if get_origin(model) is dict:  # e.g. train.lora.parts: {name: LoraPart}
             model, keyed = get_args(model)[1], True
         if not (isinstance(model, type) and issubclass(model, BaseModel)):

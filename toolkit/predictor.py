@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 
 MAX_UPSCALE = 4  # a frame may be upscaled up to 4x to the model's side; smaller ones hold too little to predict from
 DEFAULT_FRAMES = 15  # `lftk infer --frames`
-DEFAULT_SCHEDULER = "euler_a"  # `lftk infer --scheduler`
 
 ImageLike = Union[Image.Image, np.ndarray, str, Path]
 
@@ -82,10 +81,10 @@ class Predictor:
     """Future frames from one model on one backend. Not thread-safe: one predictor per thread
     (`lftk serve` batches concurrent requests onto one instead)."""
 
-    def __init__(self, runner, model: str | Path, scheduler: str = DEFAULT_SCHEDULER):
+    def __init__(self, runner, model: str | Path, scheduler: str | None = None):
         self.runner = runner
         self.model = str(model)
-        self.scheduler = scheduler
+        self.scheduler = scheduler or runner.scheduler_kind  # the SCHEDULERS key sampling runs with
 
     @property
     def backend(self):
@@ -184,14 +183,15 @@ def load(
     backend: str = "ort",
     *,
     precision: str | None = None,
-    scheduler: str = DEFAULT_SCHEDULER,
+    scheduler: str | None = None,
     compile: bool = False,
     postprocess: str | Sequence[str] | None = None,
     providers: Sequence[str] | None = None,
 ) -> Predictor:
     """A predictor for MODEL (an export dir for ort and trt; any model dir for torch), with the
     options of `lftk infer`: `backend` torch|ort|trt, `precision` (ort default fp32, trt fp16, torch
-    fp32), `scheduler` euler_a|ddim|..., `compile` (torch only), `postprocess` steps (e.g. "denoise")."""
+    fp32), `scheduler` euler_a|ddim|dpmpp|lcm (default: the model's: lcm for a distilled student, else
+    euler_a), `compile` (torch only), `postprocess` steps (e.g. "denoise")."""
     from lftk.model.postprocess import make_postprocess
     from lftk.runtime.backends import open_backend
     from lftk.runtime.runner import Runner

@@ -78,21 +78,26 @@ def _cell(row: dict, key: str, fmt: str) -> str:
 
 def format_table(rows: list[dict]) -> str:
     """The rows as one plain-text table, with what each column measured underneath."""
-    cells = [[h for h, _, _ in _COLUMNS]] + [[_cell(r, k, f) for _, k, f in _COLUMNS] for r in rows]
-    widths = [max(len(line[i]) for line in cells) for i in range(len(_COLUMNS))]
+    columns = _COLUMNS
+    if len({r["steps"] for r in rows}) > 1:  # a trade-off run: which step count each row is at
+        columns = columns[:2] + (("steps", "steps", "{}"),) + columns[2:]
+    cells = [[h for h, _, _ in columns]] + [[_cell(r, k, f) for _, k, f in columns] for r in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     lines = ["  ".join(c.ljust(w) if i < 3 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))) for line in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     if rows:
         s = rows[0]
         n = s["frames"]
+        b = s.get("branches", CFG_BRANCHES)
+        steps = ", ".join(str(c) for c in dict.fromkeys(r["steps"] for r in rows))
         lines += [
             "",
-            f"{s['resolution']} px, {s['steps']} steps, {s['scheduler']}, seed {s['seed']}; medians of {s['repeats']} repeat(s) after {s['warmup']} warm-up; "
+            f"{s['resolution']} px, {steps} steps, {s['scheduler']}, seed {s['seed']}; medians of {s['repeats']} repeat(s) after {s['warmup']} warm-up; "
             f"threads: torch {s['threads']['torch']}, onnxruntime {s['threads']['onnxruntime']}.",
-            f"ms/UNet step: one call, 1 frame x {CFG_BRANCHES} CFG branches. ms/frame, frames/s: a {n}-frame rollout "
+            f"ms/UNet step: one call, 1 frame x {b} guidance branch{'es' if b > 1 else ''}. ms/frame, frames/s: a {n}-frame rollout "
             f"as {n} single-frame calls.",
             f"batched frames/s: {n} independent start frames in one Runner.predict call, one UNet call per step "
-            f"(batch {CFG_BRANCHES * n}).",
+            f"(batch {b * n}).",
             "peak RSS: the process during the row (includes libraries loaded before). PSNR: batched frames vs torch fp32.",
             "diffusers: the stock StableDiffusionInstructPix2PixPipeline on the same weights, scheduler, steps, guidance "
             "and seed (no keep rules; its PSNR is against torch fp32 without them). vs diffusers: its ms/frame over "

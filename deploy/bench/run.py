@@ -19,7 +19,11 @@ from lftk.deploy.bench.report import append_log
 from lftk.deploy.bench.timing import INSTRUCTION, measure, start_frames
 from lftk.errors import LftkError, NotAvailableError
 from lftk.model.resolve import resolve_model
+from lftk.model.base import read_meta
+from lftk.runtime.contract import CFG_BRANCHES
 from lftk.runtime.manifest import verify_manifest
+from lftk.runtime.params import SamplingParams
+from lftk.runtime.sampler import uses_cfg
 from lftk.runtime.runner import Runner
 
 log = logging.getLogger(__name__)
@@ -46,11 +50,13 @@ class BenchSettings:
     seed: int = 0
     scheduler: str = "euler_a"
     threads: int = 0  # onnxruntime's intra-op threads (0: its own choice); torch's are set by run_bench
+    branches: int = CFG_BRANCHES  # UNet rows per frame at the model's guidance (1: no guidance branches)
 
     def row_fields(self) -> dict:
         import torch
 
-        fields = {k: getattr(self, k) for k in ("resolution", "frames", "steps", "warmup", "repeats", "seed", "scheduler")}
+        fields = {k: getattr(self, k) for k in ("resolution", "frames", "steps", "warmup", "repeats", "seed", "scheduler",
+                                                "branches")}
         fields["threads"] = {"torch": torch.get_num_threads(), "onnxruntime": self.threads or "default"}
         return fields
 
@@ -59,18 +65,21 @@ def run_bench(
     model: str | Path,
     backends: Sequence[str] = bench_cases.BENCH_BACKENDS,
     frames: int = DEFAULT_FRAMES,
-    steps: int = DEFAULT_STEPS,
+    steps: int | Sequence[int] = DEFAULT_STEPS,
     warmup: int = DEFAULT_WARMUP,
     repeats: int = DEFAULT_REPEATS,
     json_path: Path | None = None,
     log_path: Path | None = None,
     seed: int = 0,
-    scheduler: str = "euler_a",
+    scheduler: str | None = None,
     threads: int | None = None,
     compile: bool = False,
     resolution: int | None = None,
 ) -> list[dict]:
     """One row per (backend, precision) of the model at MODEL; `lftk.deploy.bench` lists the columns.
+
+    `steps`: one count, or several (a row per backend, precision and count: the speed/steps trade-off
+    of a distilled student). `scheduler` None: the model's (lcm for a distilled student, else euler_a).
 
     `resolution`: frame size for a pipeline or run dir (default: the trained one, else the VAE's); an
     export runs at its manifest's and refuses another.
@@ -80,17 +89,26 @@ def run_bench(
     can be many times faster there, so compare backends at the same count."""
     import torch
 
-    backends = bench_cases.check_args(backends, frames, steps, warmup, repeats)
+    counts = [steps] if isinstance(steps, int) else list(dict.fromkeys(steps))
+    if not counts:
+        raise LftkError("--steps: give at least one step count")
+    for count in counts:
+        backends = bench_cases.check_args(backends, frames, count, warmup, repeats)
     if threads is not None and threads < 1:
         raise LftkError(f"--threads must be >= 1, got {threads}")
     ref = resolve_model(model)
     manifest, resolution = _model_resolution(ref, resolution)
-    settings = BenchSettings(resolution, frames, steps, warmup, repeats, seed, scheduler, threads or 0)
+    params = SamplingParams.for_model(read_meta(ref.pipeline_dir) if ref.pipeline_dir is not None else {})
+    branches = CFG_BRANCHES if uses_cfg(params.guidance, params.image_guidance) else 1
     torch_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
     try:
-        rows = _rows(ref, manifest, backends, settings, compile)
+        rows = []
+        for count in counts:
+            settings = BenchSettings(resolution, frames, count, warmup, repeats, seed, scheduler or params.scheduler,
+                                     threads or 0, branches)
+            rows += _rows(ref, manifest, backends, settings, compile)
     finally:
         torch.set_num_threads(torch_threads)
     if json_path is not None:

@@ -41,7 +41,7 @@ from lftk.eval.perceptual import load_lpips
 from lftk.model.postprocess import make_postprocess, parse_steps
 from lftk.eval.rollout import ROLLOUT_SAMPLES, run_rollout
 from lftk.runtime.resolution import pick_resolution
-from lftk.runtime.runner import prompting
+from lftk.runtime.runner import check_guidance, prompting
 from lftk.runtime.params import META_KEY as SAMPLING_KEY, SamplingParams
 from lftk.eval.scoring import COLUMNS, add_errors, build_target, row_base, score_prediction
 
@@ -151,6 +151,7 @@ def _setup(model: str | Path, device: str, baselines: Sequence[str], sampling: d
         resolution = runner.resolution
         ran_on = {"backend": runner.backend.name, "precision": getattr(runner.backend, "precision", "fp32")}
     params = SamplingParams.for_model(meta, **sampling)
+    check_guidance(meta.get("distilled"), params.guidance, params.image_guidance)  # a student's is built in
     settings = EvalSettings(
         resolution=resolution,
         prompt_template=prompting(meta)[0],

@@ -83,9 +83,10 @@ class ModelDims:
     vae_scale: int = 8  # pixels per latent cell
     multiple: int = 64  # image sides must be multiples of this (VAE x UNet downsampling)
     dynamic_hw: bool = False  # H/W symbolic in the graphs, with a resolution profile
+    branches: int = CFG_BRANCHES  # UNet batch rows per frame: 3 guidance branches, 1 for a distilled student
 
     @classmethod
-    def from_pipeline(cls, pipe, resolution: int, dynamic_hw: bool = False) -> "ModelDims":
+    def from_pipeline(cls, pipe, resolution: int, dynamic_hw: bool = False, branches: int = CFG_BRANCHES) -> "ModelDims":
         vae_scale = vae_scale_factor(pipe.vae)
         # The UNet halves the latent once per down block but the last.
         unet_scale = 2 ** (len(pipe.unet.config.block_out_channels) - 1)
@@ -106,6 +107,7 @@ class ModelDims:
             vae_scale=vae_scale,
             multiple=vae_scale * unet_scale,
             dynamic_hw=dynamic_hw,
+            branches=branches,
         )
 
     def image_side(self) -> int | str:
@@ -284,8 +286,13 @@ class VaeEncoderContract(ComponentContract):
 
 class UnetContract(ComponentContract):
     name = "unet"
-    # 3 CFG branches x frames; opt = one frame (autoregressive rollout).
-    batch_profile = BatchProfile(CFG_BRANCHES, CFG_BRANCHES, CFG_BRANCHES * MAX_FRAMES)
+
+    @property
+    def batch_profile(self) -> BatchProfile:
+        """Branches x frames; opt = one frame (autoregressive rollout); min 1: a model sampled without
+        guidance (guidance 1 / image 1, or a distilled student) runs one row per frame."""
+        b = self.dims.branches
+        return BatchProfile(1, b, b * MAX_FRAMES)
 
     def inputs(self):
         h = self.dims.latent_side()
@@ -339,7 +346,13 @@ def _w(side: int | str) -> int | str:
     return {"H": "W", "h": "w"}.get(side, side) if isinstance(side, str) else side
 
 
-def build_contracts(pipe, resolution: int, dynamic_hw: bool = False) -> dict[str, ComponentContract]:
+def unet_branches(meta: dict) -> int:
+    """UNet rows per frame a model needs (its lftk_model.json): 1 for a distilled student, whose
+    guidance is built in, else InstructPix2Pix's 3 guidance branches."""
+    return 1 if meta.get("distilled") else CFG_BRANCHES
+
+
+def build_contracts(pipe, resolution: int, dynamic_hw: bool = False, branches: int = CFG_BRANCHES) -> dict[str, ComponentContract]:
     """The four contracts for a loaded pipeline at one resolution, in export order."""
-    dims = ModelDims.from_pipeline(pipe, resolution, dynamic_hw)
+    dims = ModelDims.from_pipeline(pipe, resolution, dynamic_hw, branches)
     return {cls.name: cls(dims) for cls in CONTRACTS}

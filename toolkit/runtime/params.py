@@ -19,6 +19,7 @@ class SamplingParams:
     image_guidance: float = 1.5  # image guidance scale (InstructPix2Pix's default)
     keep: float = 0.0  # keep the current frame's pixels where the prediction changes less (lftk.runtime.keep); 0 = off
     keep_objects: bool = False  # put back objects of the current frame the prediction dropped (lftk.runtime.objects)
+    scheduler: str = "euler_a"  # lftk.runtime.sampler.SCHEDULERS key; a distilled student records "lcm"
 
     @classmethod
     def for_model(cls, meta: dict | None, **given) -> "SamplingParams":

@@ -51,6 +51,19 @@ def model_prompt(template: str, horizons: Sequence[int], instruction: str, horiz
         return format_prompt(template, instruction)
     default = max(horizons) if horizons else None
     return format_prompt(template, instruction, horizon=default if horizon is None else horizon)
+def check_guidance(distilled: dict | None, guidance: float, image_guidance: float) -> None:
+    """LftkError when a distilled student (its lftk_model.json "distilled") is asked for guidance
+    branches: its scales are baked in and it never learned the unconditioned branches."""
+    from lftk.runtime.sampler import uses_cfg
+
+    if distilled and uses_cfg(guidance, image_guidance):
+        g, ig = distilled.get("guidance", ["?", "?"])
+        raise LftkError(
+            f"this model is a distilled student with guidance {g} / image {ig} built in: it runs one UNet call per "
+            f"step with guidance 1 / image 1 (its default); asked for {guidance:g} / {image_guidance:g}"
+        )
+
+
 _EMBED_CACHE = 16  # instructions kept encoded; a rollout reuses one
 _TEXT_BATCH = TextEncoderContract.batch_profile.max  # prompts per text-encoder call (TensorRT's profile)
 
@@ -66,8 +79,11 @@ class Runner:
         prompt_template: str = DEFAULT_TEMPLATE,
         horizons: Sequence[int] = (),
         sampling: SamplingParams | None = None,
+        distilled: dict | None = None,
     ):
         self.backend = backend
+        # lftk_model.json's "distilled" (guidance baked in at these scales) or None: then more guidance is refused.
+        self.distilled = distilled
         # What a call leaves as None (steps, guidance, image guidance): the model's recorded defaults.
         self.sampling = sampling or SamplingParams()
         self.tokenizer = tokenizer
@@ -78,12 +94,14 @@ class Runner:
         self._embeds: dict[str, torch.Tensor] = {}  # prompt -> (77, D); "" -> the empty prompt's
         # (predicted, current) uint8 frames -> post-processed frames; None = as the model made them
         self.postprocess: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None
+        self.scheduler_kind: str | None = None  # the SCHEDULERS key `scheduler` was made from, when known
         # Frames per UNet call (x the CFG branches): the export's batch profile; lower it to save memory.
         self.max_batch = MAX_FRAMES
 
     @classmethod
-    def from_backend(cls, backend, scheduler: str = "euler_a") -> "Runner":
-        """Tokenizer, scheduler config and prompt template from the backend's pipeline dir."""
+    def from_backend(cls, backend, scheduler: str | None = None) -> "Runner":
+        """Tokenizer, scheduler config and prompt template from the backend's pipeline dir. `scheduler`
+        None: the model's (lftk_model.json sampling: "lcm" for a distilled student), else euler_a."""
         from transformers import CLIPTokenizer
 
         from lftk.model.base import read_meta
@@ -96,16 +114,20 @@ class Runner:
         config = _read_json(pipe_dir / "scheduler" / "scheduler_config.json")
         meta = read_meta(pipe_dir)
         template, horizons = prompting(meta)
-        return cls(
+        sampling = SamplingParams.for_model(meta)
+        runner = cls(
             backend,
             tokenizer,
-            make_scheduler(config, scheduler),
+            make_scheduler(config, scheduler or sampling.scheduler),
             backend.scaling_factor,
             backend.resolution,
             template,
             horizons,
-            SamplingParams.for_model(meta),
+            sampling,
+            meta.get("distilled"),
         )
+        runner.scheduler_kind = scheduler or sampling.scheduler
+        return runner
 
     @property
     def default_horizon(self) -> int | None:
@@ -167,6 +189,7 @@ class Runner:
         """
         p = self.sampling.overridden(steps=steps, guidance=guidance, image_guidance=image_guidance)
         steps, guidance, image_guidance = p.steps, p.guidance, p.image_guidance
+        check_guidance(self.distilled, guidance, image_guidance)
         images = self._check_frames(images)
         batch = images.shape[0]
         instructions = self._per_frame(instruction, batch, "instructions")

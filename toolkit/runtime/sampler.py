@@ -23,6 +23,7 @@ SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",  # what InstructPix2Pix ships with
     "ddim": "DDIMScheduler",  # deterministic at eta=0: handy for comparing backends
     "dpmpp": "DPMSolverMultistepScheduler",  # DPM-Solver++ (2nd order): good frames in ~10-20 steps
+    "lcm": "LCMScheduler",  # a distilled student's (lftk train with distill:): 1-4 steps, one UNet call each
 }
 
 

@@ -44,6 +44,7 @@ class Setup:
     world: int
     future_pixels: bool = False  # aux losses compare decoded frames with the true future frame
     lora_modules: dict = field(default_factory=dict)  # component -> {layer name: ModuleLora}, for lftk_model.json
+    teacher: object = None  # lftk.train.distill.Teacher when the recipe distils
     _datasets: dict = field(default_factory=dict)
 
     def datasets(self, resolution: int) -> tuple[PairDataset, PairDataset | None]:
@@ -99,6 +100,13 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
         encoder_trains=trains_vae,
     )
     check_prediction_type(parts.noise_scheduler)  # before the run dir: a base we cannot train costs nothing
+    teacher = None
+    if recipe.distill is not None:  # the student samples with LCMScheduler: val metrics, tuning and final/ too
+        from lftk.train.distill import load_teacher, student_scheduler
+
+        pipe.scheduler = student_scheduler(pipe.scheduler.config, recipe.distill.solver_steps)
+        teacher = load_teacher(recipe.distill, pipe, recipe.model.base, d.prompt_template, device,
+                               frozen_dtype or torch.float32)
     if recipe.train.trainable == "lora":  # every part's patterns must match layers of this base
         from lftk.train.lora_parts import assign
 
@@ -111,7 +119,7 @@ def setup(recipe: Recipe, resume: bool) -> Setup:
 
         run.create(recipe, resume)
         run.tensorboard = TensorBoardLog(run.root)
-    return Setup(recipe, run, pipe, parts, train_pairs, val_pairs or None, rank, world)
+    return Setup(recipe, run, pipe, parts, train_pairs, val_pairs or None, rank, world, teacher=teacher)
 
 
 def _latents(s: Setup, split: str, dataset: PairDataset):
@@ -151,6 +159,19 @@ def total_steps(s: Setup) -> int:
     return max(1, len(s.train_pairs) // global_batch) * (r.train.epochs or 1)
 
 
+def step_loss(unet, s: Setup, batch: dict, seed: int, dropout: float, aux=None):
+    """(loss, {term: value}, decoded x0 or None, target or None): the recipe's objective on one batch,
+    consistency distillation when it distils (lftk.train.distill), else the InstructPix2Pix loss."""
+    if s.teacher is not None:
+        from lftk.train.distill import distill_loss
+
+        loss = distill_loss(unet, s.teacher, s.pipe.scheduler, s.parts, batch, s.recipe.distill, seed)
+        return loss, {"consistency": loss.item()}, None, None
+    if aux is None:
+        return ip2p_loss(unet, s.parts, batch, dropout, seed), {}, None, None
+    return training_loss(unet, s.parts, batch, dropout, seed, s.recipe.train.loss, aux)
+
+
 @torch.no_grad()
 def val_loss(unet, s: Setup, val_set: PairDataset | None, max_batches: int = 8) -> float | None:
     """Diffusion loss on the val split with fixed noise, so the figure is comparable across steps."""
@@ -161,7 +182,7 @@ def val_loss(unet, s: Setup, val_set: PairDataset | None, max_batches: int = 8) 
     losses = []
     for start in range(0, min(len(val_set), bs * max_batches), bs):
         batch = default_collate([val_set[i] for i in range(start, min(start + bs, len(val_set)))])
-        losses.append(ip2p_loss(unet, s.parts, batch, 0.0, s.recipe.seed + 1).item())
+        losses.append(step_loss(unet, s, batch, s.recipe.seed + 1, dropout=0.0)[0].item())
     unet.train()
     return sum(losses) / len(losses)
 
@@ -175,15 +196,26 @@ def _val_metrics(s: Setup, resolution: int) -> dict:
         return {}
     from lftk.eval.val import val_metrics
 
+    few = {"steps": s.recipe.distill.steps, "guidance": 1.0, "image_guidance": 1.0} if s.teacher is not None else {}
     return val_metrics(s.pipe, s.val_pairs, resolution, s.recipe.data.prompt_template,
-                       max_samples=t.val_samples, seed=s.recipe.seed, with_copy=True)
+                       max_samples=t.val_samples, seed=s.recipe.seed, with_copy=True, **few)
 
 
 def _sampling_defaults(s: Setup, resolution: int) -> dict:
     """What final/lftk_model.json records under "sampling": the recipe's, or the best of its candidates."""
-    from lftk.train.tune import tune_sampling, untuned
 
     cfg = s.recipe.sampling
+    if s.teacher is not None:  # guidance is baked in: one branch at the student's steps; keep rules still tuned
+        from lftk.train.distill import SCHEDULER
+
+        cfg = cfg.model_copy(update={"steps": s.recipe.distill.steps, "guidance": [1.0], "image_guidance": [1.0]})
+        return {**_tuned(s, cfg, resolution), "scheduler": SCHEDULER}
+    return _tuned(s, cfg, resolution)
+
+
+def _tuned(s: Setup, cfg, resolution: int) -> dict:
+    from lftk.train.tune import tune_sampling, untuned
+
     if s.recipe.train.zero_stage == 3:  # sharded weights: rank 0 alone cannot run the pipeline
         return untuned(cfg, "ZeRO-3 shards the weights: run lftk eval with --guidance/--image-guidance to compare")
     return tune_sampling(s.pipe, s.val_pairs, resolution, s.recipe.data.prompt_template, cfg, s.recipe.seed, s.run.root)
@@ -226,6 +258,7 @@ def _save_final(engine, s: Setup, step: int, last_loss: float) -> None:
             "precision": s.recipe.train.precision,
             "lora": lora_meta,
             "sampling": sampling,
+            "distilled": None if s.teacher is None else s.teacher.record(s.recipe.distill, s.recipe.distill.steps),
         },
     )
     atomic.swap_in(tmp, s.run.final)
@@ -340,9 +373,7 @@ def _train(s: Setup, model, trust_checkpoint: bool, resume: bool) -> RunDir:
     with progress_bar("train", total=steps, completed=step, enabled=s.rank == 0) as advance:
         while step < steps:
             for _ in range(t.grad_accum):
-                loss, terms, decoded, target = training_loss(
-                    engine, s.parts, next(micro), t.conditioning_dropout, recipe.seed, t.loss, aux
-                )
+                loss, terms, decoded, target = step_loss(engine, s, next(micro), recipe.seed, t.conditioning_dropout, aux)
                 with watch(f"step {step + 1}'s collectives"):
                     check_finite(loss, step, s.rank, s.world)
                     engine.backward(loss)

@@ -134,13 +134,7 @@ def ip2p_forward(unet, parts: FrozenParts, batch: dict, dropout: float, seed: in
         latent_shape = (LATENT_CHANNELS, *(s // parts.vae_scale for s in batch["future"].shape[-2:]))
     draws = SampleNoise.draw(seed, batch["key"], latent_shape, parts.noise_scheduler.config.num_train_timesteps)
 
-    if cached:
-        eps = draws.posterior.to(device)
-        latents = (batch["fut_mean"].to(device) + batch["fut_std"].to(device) * eps) * parts.scaling_factor
-        image = batch["cur_mode"].to(device)
-    else:
-        latents = parts.encode_future(batch["future"].to(device), draws.posterior.to(device))  # (B, 4, h, w)
-        image = parts.encode_current(batch["current"].to(device))  # (B, 4, h, w)
+    latents, image = clean_latents(parts, batch, draws, device)
     noise = draws.noise.to(device)
     steps = draws.timesteps.to(device)
     noisy = parts.noise_scheduler.add_noise(latents, noise, steps)
@@ -159,6 +153,17 @@ def ip2p_forward(unet, parts: FrozenParts, batch: dict, dropout: float, seed: in
     model_in = torch.cat([noisy, image], dim=1)  # (B, 8, h, w): noisy future latent ‖ current latent
     pred = unet(model_in.to(dtype), steps, text.to(dtype)).sample
     return Forward(pred, noisy, steps, target)
+
+
+def clean_latents(parts: FrozenParts, batch: dict, draws: SampleNoise, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(future latent, scaled: a posterior sample; current latent, unscaled mode), each (B, 4, h, w),
+    from the latent cache's arrays when the batch has them, else through the VAE encoder."""
+    if "fut_mean" in batch:  # latents precomputed by lftk.train.latent_cache
+        eps = draws.posterior.to(device)
+        latents = (batch["fut_mean"].to(device) + batch["fut_std"].to(device) * eps) * parts.scaling_factor
+        return latents, batch["cur_mode"].to(device)
+    latents = parts.encode_future(batch["future"].to(device), draws.posterior.to(device))
+    return latents, parts.encode_current(batch["current"].to(device))
 
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
