@@ -11,7 +11,7 @@ DEMO_EPISODES ?= 20
 DEMO     := demo
 LFTK     := $(BIN)/lftk
 
-.PHONY: demo demo-check sim-bench test test-slow test-multinode test-image venv clean-demo lint
+.PHONY: demo demo-check demo-distill sim-bench test test-slow test-multinode test-image venv clean-demo lint
 
 venv: $(VENV)/.installed
 
@@ -88,6 +88,27 @@ demo: $(DEMO)/eval/.done $(DEMO)/infer/.done
 
 demo-check: $(DEMO)/infer-vs-copy.md
 	@cat $<
+
+# Few-step rollouts: the demo model distilled into a 2-step student (recipes/demo-distill.yaml), exported, and
+# both measured back to back on the test split and in lftk bench (bench/distill_tradeoff.py): $(DEMO)/distill/tradeoff.md.
+$(DEMO)/runs/demo-distill/.done: $(DEMO)/runs/demo/.done recipes/demo-distill.yaml
+	rm -rf $(DEMO)/runs/demo-distill
+	$(LFTK) train recipes/demo-distill.yaml
+	touch $@
+
+$(DEMO)/export-distill/.done: $(DEMO)/runs/demo-distill/.done
+	rm -rf $(DEMO)/export-distill
+	$(LFTK) export $(DEMO)/runs/demo-distill --onnx --out $(DEMO)/export-distill
+	touch $@
+
+$(DEMO)/distill/.done: $(DEMO)/export-distill/.done $(DEMO)/export/.done bench/distill_tradeoff.py
+	rm -rf $(DEMO)/distill
+	$(BIN)/python bench/distill_tradeoff.py --teacher $(DEMO)/export --student $(DEMO)/export-distill \
+		--data $(DEMO)/data/pairs --out $(DEMO)/distill
+	touch $@
+
+demo-distill: $(DEMO)/distill/.done
+	@cat $(DEMO)/distill/tradeoff.md $(DEMO)/distill/compare.txt
 
 # lftk's headline benchmark: the same pipeline on 3 tasks x SIM_BENCH_EPISODES episodes (recipes/sim-bench.yaml);
 # under an hour on 2 CPU cores. Results: $(SIM_BENCH)/eval/report.md, $(SIM_BENCH)/infer-vs-copy.md.

@@ -233,3 +233,22 @@ def test_gpu_script_rehearses_on_cpu_with_tiny_sizes(tmp_path):
         assert row["engine"] == "lftk engine (DeepSpeed)" and row["steps"] == 3 and row["dry_run_gib"] > 0, row
         assert row["samples_per_s"] > 0, row
     assert json.loads((out / "bench-tiny-64px-1steps.json").read_text())
+
+
+def test_cli_bench_steps_list_and_guidance(tiny_export_dir, tmp_path):
+    """--steps 1,2: a row per count (the few-step trade-off); --guidance 1 --image-guidance 1: one branch."""
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(
+        app, ["bench", "--model", str(tiny_export_dir), "--backends", "ort", "--frames", "2", "--steps", "1,2",
+              "--guidance", "1", "--image-guidance", "1", "--repeats", "1", "--threads", "1", "--json", str(out)],
+        terminal_width=200,
+    )
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert [(r["steps"], r["branches"], r["guidance"]) for r in rows] == [(1, 1, 1.0), (2, 1, 1.0)]
+    assert all(r["status"] == "ok" for r in rows)
+    assert "guidance 1 / image 1" in result.output and "1 guidance branch." in result.output
+    header = next(line for line in result.output.splitlines() if line.startswith("backend")).split()
+    assert header[:3] == ["backend", "precision", "steps"]
+    bad = CliRunner().invoke(app, ["bench", "--model", str(tiny_export_dir), "--steps", "2,x"])
+    assert isinstance(bad.exception, LftkError) and "--steps '2,x'" in str(bad.exception)  # exit 2 via lftk's main

@@ -46,3 +46,12 @@ def test_dry_run_cli_prints_verdict():
     res = CliRunner().invoke(app, ["train", str(RECIPES / "stage2-24gb.yaml"), "--dry-run", "--gpu-mem", "24"])
     assert res.exit_code == 0, res.output
     assert "fits a 24 GiB card" in res.output and "optimizer state" in res.output
+
+
+def test_distillation_counts_the_frozen_teacher_unet():
+    plain = load_recipe(RECIPES / "stage2-24gb.yaml")
+    distil = load_recipe(RECIPES / "stage2-24gb.yaml", ["distill.teacher=runs/stage2", "train.loss.perceptual=0",
+                                                         "train.loss.adversarial=0"])
+    (_, rows), base = _rows(distil), estimate(plain)
+    assert rows["teacher UNet"] == pytest.approx(860e6 * 2 / 2**30, rel=0.05), "SD 1.5's UNet in fp16"
+    assert estimate(distil).total_gib == pytest.approx(base.total_gib + rows["teacher UNet"])

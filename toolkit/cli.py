@@ -488,6 +488,8 @@ def bench_cmd(
         None, help="Frame size in px for a pipeline/run dir (default: trained size, else the VAE's); an export has its own."
     ),
     frames: int = typer.Option(15, help="Rollout length, and start frames batched into one call (at most 16)."),
+    guidance: Optional[float] = typer.Option(None, min=0.0, help="Text guidance scale (default: the model's)."),
+    image_guidance: Optional[float] = typer.Option(None, min=0.0, help="Image guidance scale (default: the model's)."),
     steps: Optional[str] = typer.Option(
         None, help="Denoising steps per frame, or several (1,2,4: rows at each, a distilled student's trade-off); "
         "default: a short run; the table says how many."
@@ -516,7 +518,7 @@ def bench_cmd(
     optional = {k: v for k, v in {"steps": _int_list(steps, "--steps"), "repeats": repeats}.items() if v is not None}
     rows = run_bench(
         model, backends.split(","), frames=frames, json_path=json_path, log_path=log_path, threads=threads,
-        compile=compile, resolution=resolution, **optional,
+        compile=compile, resolution=resolution, guidance=guidance, image_guidance=image_guidance, **optional,
     )
     typer.echo(format_table(rows))
     if json_path:

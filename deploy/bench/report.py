@@ -76,6 +76,11 @@ def _cell(row: dict, key: str, fmt: str) -> str:
     return text
 
 
+def _guidance(s: dict) -> str:
+    g, ig = s.get("guidance"), s.get("image_guidance")
+    return "" if g is None or ig is None else f", guidance {g:g} / image {ig:g}"
+
+
 def format_table(rows: list[dict]) -> str:
     """The rows as one plain-text table, with what each column measured underneath."""
     columns = _COLUMNS
@@ -92,7 +97,7 @@ def format_table(rows: list[dict]) -> str:
         steps = ", ".join(str(c) for c in dict.fromkeys(r["steps"] for r in rows))
         lines += [
             "",
-            f"{s['resolution']} px, {steps} steps, {s['scheduler']}, seed {s['seed']}; medians of {s['repeats']} repeat(s) after {s['warmup']} warm-up; "
+            f"{s['resolution']} px, {steps} steps, {s['scheduler']}{_guidance(s)}, seed {s['seed']}; medians of {s['repeats']} repeat(s) after {s['warmup']} warm-up; "
             f"threads: torch {s['threads']['torch']}, onnxruntime {s['threads']['onnxruntime']}.",
             f"ms/UNet step: one call, 1 frame x {b} guidance branch{'es' if b > 1 else ''}. ms/frame, frames/s: a {n}-frame rollout "
             f"as {n} single-frame calls.",

@@ -50,13 +50,20 @@ class BenchSettings:
     seed: int = 0
     scheduler: str = "euler_a"
     threads: int = 0  # onnxruntime's intra-op threads (0: its own choice); torch's are set by run_bench
-    branches: int = CFG_BRANCHES  # UNet rows per frame at the model's guidance (1: no guidance branches)
+    branches: int = CFG_BRANCHES  # UNet rows per frame at the guidance run (1: no guidance branches)
+    guidance: float | None = None  # text / image guidance scales; None: the model's own
+    image_guidance: float | None = None
+
+    def sampled(self, runner):
+        """`runner` with these guidance scales as its defaults (what every timed call then runs)."""
+        runner.sampling = runner.sampling.overridden(guidance=self.guidance, image_guidance=self.image_guidance)
+        return runner
 
     def row_fields(self) -> dict:
         import torch
 
         fields = {k: getattr(self, k) for k in ("resolution", "frames", "steps", "warmup", "repeats", "seed", "scheduler",
-                                                "branches")}
+                                                "branches", "guidance", "image_guidance")}
         fields["threads"] = {"torch": torch.get_num_threads(), "onnxruntime": self.threads or "default"}
         return fields
 
@@ -73,11 +80,14 @@ def run_bench(
     seed: int = 0,
     scheduler: str | None = None,
     threads: int | None = None,
+    guidance: float | None = None,
+    image_guidance: float | None = None,
     compile: bool = False,
     resolution: int | None = None,
 ) -> list[dict]:
     """One row per (backend, precision) of the model at MODEL; `lftk.deploy.bench` lists the columns.
 
+    `guidance`, `image_guidance`: the scales every row samples with (default: the model's own).
     `steps`: one count, or several (a row per backend, precision and count: the speed/steps trade-off
     of a distilled student). `scheduler` None: the model's (lcm for a distilled student, else euler_a).
 
@@ -98,7 +108,8 @@ def run_bench(
         raise LftkError(f"--threads must be >= 1, got {threads}")
     ref = resolve_model(model)
     manifest, resolution = _model_resolution(ref, resolution)
-    params = SamplingParams.for_model(read_meta(ref.pipeline_dir) if ref.pipeline_dir is not None else {})
+    params = SamplingParams.for_model(read_meta(ref.pipeline_dir) if ref.pipeline_dir is not None else {},
+                                      guidance=guidance, image_guidance=image_guidance)
     branches = CFG_BRANCHES if uses_cfg(params.guidance, params.image_guidance) else 1
     torch_threads = torch.get_num_threads()
     if threads is not None:
@@ -107,7 +118,7 @@ def run_bench(
         rows = []
         for count in counts:
             settings = BenchSettings(resolution, frames, count, warmup, repeats, seed, scheduler or params.scheduler,
-                                     threads or 0, branches)
+                                     threads or 0, branches, params.guidance, params.image_guidance)
             rows += _rows(ref, manifest, backends, settings, compile)
     finally:
         torch.set_num_threads(torch_threads)
@@ -160,7 +171,7 @@ def _rows(ref, manifest: dict | None, backends: list[str], s: BenchSettings, com
             runner = None  # free this row's backend before a torch reference loads beside it
             if refs is None and "torch" not in backends and ref.pipeline_dir is not None:
                 torch_be = bench_cases.open_case(ref.path, manifest, *bench_cases.REFERENCE, s.threads, s.resolution)
-                refs = _references(Runner.from_backend(torch_be, s.scheduler), starts, s, want_baseline, want_raw)
+                refs = _references(s.sampled(Runner.from_backend(torch_be, s.scheduler)), starts, s, want_baseline, want_raw)
                 torch_be = None
             if refs is not None:
                 # the stock pipeline has no keep rules: it is compared with lftk's frames made without them
@@ -204,10 +215,10 @@ def _time_row(row: dict, ref, manifest: dict | None, s: BenchSettings, starts: n
         if row["backend"] == bench_cases.PEER:
             if ref.pipeline_dir is None:
                 raise NotAvailableError("the export has no pipeline/ copy (the diffusers pipeline needs its weights)")
-            runner = PipelineRunner(ref.pipeline_dir, row["precision"], s.resolution, s.scheduler)
+            runner = s.sampled(PipelineRunner(ref.pipeline_dir, row["precision"], s.resolution, s.scheduler))
         else:
             be = bench_cases.open_case(ref.path, manifest, row["backend"], row["precision"], s.threads, s.resolution)
-            runner = Runner.from_backend(be, s.scheduler)
+            runner = s.sampled(Runner.from_backend(be, s.scheduler))
         be = runner.backend
         timings, frames = measure(runner, starts, s.steps, s.warmup, s.repeats, s.seed)
     row.update(timings, peak_mem_mb=rss.mb, providers=be.providers)

@@ -136,6 +136,8 @@ def estimate(recipe: Recipe, world: int = 1) -> Estimate:
          0.0 if t.offload_optimizer else n_train * state_per_param / shard_opt / GIB,
          "offloaded to CPU" if t.offload_optimizer else f"{state_per_param} B/param ({t.optimizer}) / {shard_opt}"),
     ]
+    if recipe.distill is not None:  # the teacher's UNet, frozen (its 3-branch forward keeps no activations)
+        rows.append(("teacher UNet (distill)", n_unet * wb / GIB, f"{n_unet / 1e6:.0f} M x {wb} B, frozen"))
     vae_scale = 2 ** (len(vae_cfg["block_out_channels"]) - 1)
     act = _activation_bytes(unet, recipe, torch.float16 if half else torch.float32, vae_scale, unet_lora)
     rows.append(("UNet activations", act / GIB, f"measured on meta: batch {t.batch_size}, {t.resolution} px"
