@@ -48,7 +48,7 @@ def teacher_dir(tmp_path_factory, tiny_pipeline_dir):
 def student_run(tmp_path_factory, teacher_dir, tiny_pairs_dir):
     run = tmp_path_factory.mktemp("distill") / "s"
     mp = pytest.MonkeyPatch()
-    code = _train(mp, *distill_args(run, tiny_pairs_dir, teacher_dir, "max_steps=3", "train.lr=1e-3"))
+    code = _train(mp, *distill_args(run, tiny_pairs_dir, teacher_dir, "max_steps=3", "train.lr=1e-3", "distill.steps=2"))
     mp.undo()
     assert code in (0, None)
     return run
