@@ -51,6 +51,8 @@ def model_prompt(template: str, horizons: Sequence[int], instruction: str, horiz
         return format_prompt(template, instruction)
     default = max(horizons) if horizons else None
     return format_prompt(template, instruction, horizon=default if horizon is None else horizon)
+
+
 def check_guidance(distilled: dict | None, guidance: float, image_guidance: float) -> None:
     """LftkError when a distilled student (its lftk_model.json "distilled") is asked for guidance
     branches: its scales are baked in and it never learned the unconditioned branches."""
@@ -115,10 +117,11 @@ class Runner:
         meta = read_meta(pipe_dir)
         template, horizons = prompting(meta)
         sampling = SamplingParams.for_model(meta)
+        kind = scheduler or sampling.scheduler
         runner = cls(
             backend,
             tokenizer,
-            make_scheduler(config, scheduler or sampling.scheduler),
+            make_scheduler(config, kind),
             backend.scaling_factor,
             backend.resolution,
             template,
@@ -126,7 +129,7 @@ class Runner:
             sampling,
             meta.get("distilled"),
         )
-        runner.scheduler_kind = scheduler or sampling.scheduler
+        runner.scheduler_kind = kind
         return runner
 
     @property

@@ -76,6 +76,12 @@ def _step_kwargs(scheduler, generator: torch.Generator | None, eta: float) -> di
     return kwargs
 
 
+def guided(noise_text, noise_image, noise_uncond, guidance: float, image_guidance: float):
+    """InstructPix2Pix's guidance: the three branches' outputs (text and image, image only, neither)
+    combined into one (the pipeline's formula; training's distillation teacher uses it too)."""
+    return noise_uncond + guidance * (noise_text - noise_image) + image_guidance * (noise_image - noise_uncond)
+
+
 def uses_cfg(guidance: float, image_guidance: float) -> bool:
     """The pipeline's switch: below these scales guidance is a no-op, so one branch is run, not three."""
     return guidance > 1.0 and image_guidance >= 1.0
@@ -150,12 +156,7 @@ class IP2PSampler:
             timestep = t.to(torch.float32).expand(model_in.shape[0])  # (3B,) float32, see contract
             noise = self.nets.unet(model_in, timestep, embeds)
             if cfg:
-                noise_text, noise_image, noise_uncond = noise.chunk(CFG_BRANCHES)
-                noise = (
-                    noise_uncond
-                    + guidance * (noise_text - noise_image)
-                    + image_guidance * (noise_image - noise_uncond)
-                )
+                noise = guided(*noise.chunk(CFG_BRANCHES), guidance, image_guidance)
             latents = scheduler.step(noise, t, latents, **step_kwargs, return_dict=False)[0]
         return latents
 

@@ -152,7 +152,7 @@ def teacher_step(teacher: Teacher, x: torch.Tensor, steps: torch.Tensor, prev: t
                  sched) -> torch.Tensor:
     """One guided DDIM step of the teacher from x at `steps` to `prev`: the three InstructPix2Pix branches
     (text and image, image only, neither) in one call, combined with the baked-in scales."""
-    from lftk.runtime.sampler import uses_cfg
+    from lftk.runtime.sampler import guided, uses_cfg
 
     dtype = next(teacher.unet.parameters()).dtype
     if uses_cfg(teacher.guidance, teacher.image_guidance):
@@ -160,8 +160,7 @@ def teacher_step(teacher: Teacher, x: torch.Tensor, steps: torch.Tensor, prev: t
         model_in = torch.cat([torch.cat([x, image], 1), torch.cat([x, image], 1), torch.cat([x, torch.zeros_like(image)], 1)])
         embeds = torch.cat([text, null_text, null_text])
         out = teacher.unet(model_in.to(dtype), steps.repeat(3), embeds.to(dtype)).sample.float()
-        o_ti, o_i, o_u = out[:n], out[n : 2 * n], out[2 * n :]
-        out = o_u + teacher.guidance * (o_ti - o_i) + teacher.image_guidance * (o_i - o_u)
+        out = guided(out[:n], out[n : 2 * n], out[2 * n :], teacher.guidance, teacher.image_guidance)
     else:  # the pipeline's switch: at these scales guidance is the text-and-image branch alone
         out = teacher.unet(torch.cat([x, image], 1).to(dtype), steps, text.to(dtype)).sample.float()
     x0, _ = x0_estimate(sched, x, out, steps)
