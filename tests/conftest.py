@@ -11,6 +11,18 @@ import pytest
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 
+@pytest.fixture(autouse=True)
+def _root_log_handlers():
+    """An in-process CLI call points the root logger at the sys.stderr of that moment, which pytest's
+    capture closes after the test; later tests' log lines would then raise 'I/O operation on closed file'."""
+    import logging
+
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    yield
+    root.handlers[:] = saved
+
+
 DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
