@@ -185,3 +185,20 @@ def test_consistency_loss_pulls_towards_the_guided_teacher_step():
     lcm = student_scheduler(sched.config, 50)
     c_skip, c_out = lcm.get_scalings_for_boundary_condition_discrete(0)
     assert c_skip == pytest.approx(1.0) and c_out == pytest.approx(0.0), "f(x, 0) = x: the boundary condition"
+
+
+def test_data_weight_adds_the_distance_to_the_real_future_frame(monkeypatch, tmp_path, teacher_dir, tiny_pairs_dir):
+    """Same draws, same first batch: the first step's loss with the data term is the distillation loss
+    plus a positive distance to the pair's real future latent, and the student records the weight."""
+    def first_loss(name, *extra):
+        run = tmp_path / name
+        code = _train(monkeypatch, *distill_args(run, tiny_pairs_dir, teacher_dir, "max_steps=1", *extra))
+        assert code in (0, None)
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        meta = json.loads((run / "final" / "lftk_model.json").read_text())
+        return next(r["loss"] for r in rows if r.get("step") == 1 and "loss" in r), meta["distilled"]["data_weight"]
+
+    alone, w0 = first_loss("alone")
+    with_data, w2 = first_loss("data", "distill.data_weight=2.0")
+    assert (w0, w2) == (0.0, 2.0)
+    assert with_data > alone + 1e-4

@@ -328,6 +328,12 @@ class DistillConfig(Strict):
     )
     loss: Literal["huber", "l2"] = Field("huber", description="Distance between the student and its target.")
     huber_c: float = Field(0.001, gt=0, description="Pseudo-Huber constant (LCM's 0.001).")
+    data_weight: float = Field(
+        0.0, ge=0, le=100,
+        description="Weight of a second term that pulls the student's clean-frame estimate towards the pair's real "
+        "future frame (the same distance, in latent space); 0 = distillation alone. The teacher is a model, the "
+        "future frame is what the camera saw: the term keeps the student on the data where the teacher is wrong.",
+    )
 
     @field_validator("guidance")
     @classmethod
