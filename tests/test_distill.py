@@ -198,7 +198,7 @@ def test_data_weight_adds_the_distance_to_the_real_future_frame(monkeypatch, tmp
         meta = json.loads((run / "final" / "lftk_model.json").read_text())
         return next(r["loss"] for r in rows if r.get("step") == 1 and "loss" in r), meta["distilled"]["data_weight"]
 
-    alone, w0 = first_loss("alone")
+    alone, w0 = first_loss("alone", "distill.data_weight=0")  # the demo recipe's own weight is 3
     with_data, w2 = first_loss("data", "distill.data_weight=2.0")
     assert (w0, w2) == (0.0, 2.0)
     assert with_data > alone + 1e-4
